@@ -1,0 +1,300 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DATA_TYPE_UNSPECIFIED: _ClassVar[DataType]
+    FLOAT32: _ClassVar[DataType]
+    FLOAT16: _ClassVar[DataType]
+    BFLOAT16: _ClassVar[DataType]
+    UINT8: _ClassVar[DataType]
+    INT64: _ClassVar[DataType]
+    INT32: _ClassVar[DataType]
+    FLOAT64: _ClassVar[DataType]
+
+class OutputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OUTPUT_KIND_UNSPECIFIED: _ClassVar[OutputKind]
+    PROBS: _ClassVar[OutputKind]
+    LOG_PROBS: _ClassVar[OutputKind]
+    LOGITS: _ClassVar[OutputKind]
+
+DATA_TYPE_UNSPECIFIED: DataType
+FLOAT32: DataType
+FLOAT16: DataType
+BFLOAT16: DataType
+UINT8: DataType
+INT64: DataType
+INT32: DataType
+FLOAT64: DataType
+OUTPUT_KIND_UNSPECIFIED: OutputKind
+PROBS: OutputKind
+LOG_PROBS: OutputKind
+LOGITS: OutputKind
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DataType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(
+        self,
+        dtype: _Optional[_Union[DataType, str]] = ...,
+        shape: _Optional[_Iterable[int]] = ...,
+        data: _Optional[bytes] = ...,
+    ) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    def __init__(
+        self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...
+    ) -> None: ...
+
+class ModelSummary(_message.Message):
+    __slots__ = ("name", "model_version", "ready")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_version: str
+    ready: bool
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        model_version: _Optional[str] = ...,
+        ready: _Optional[bool] = ...,
+    ) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class TaskInfo(_message.Message):
+    __slots__ = ("name", "class_names", "test_accuracy")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    class_names: _containers.RepeatedScalarFieldContainer[str]
+    test_accuracy: float
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        class_names: _Optional[_Iterable[str]] = ...,
+        test_accuracy: _Optional[float] = ...,
+    ) -> None: ...
+
+class HintInfo(_message.Message):
+    __slots__ = ("name", "shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(
+        self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...
+    ) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = (
+        "name",
+        "model_version",
+        "tasks",
+        "input_shape",
+        "input_dtype",
+        "accepted_input_dtypes",
+        "uint8_scale",
+        "hints",
+        "max_batch_size",
+        "description",
+    )
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    INPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_INPUT_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    UINT8_SCALE_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    model_version: str
+    tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
+    input_shape: _containers.RepeatedScalarFieldContainer[int]
+    input_dtype: DataType
+    accepted_input_dtypes: _containers.RepeatedScalarFieldContainer[DataType]
+    uint8_scale: float
+    hints: _containers.RepeatedCompositeFieldContainer[HintInfo]
+    max_batch_size: int
+    description: str
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        model_version: _Optional[str] = ...,
+        tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ...,
+        input_shape: _Optional[_Iterable[int]] = ...,
+        input_dtype: _Optional[_Union[DataType, str]] = ...,
+        accepted_input_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ...,
+        uint8_scale: _Optional[float] = ...,
+        hints: _Optional[_Iterable[_Union[HintInfo, _Mapping]]] = ...,
+        max_batch_size: _Optional[int] = ...,
+        description: _Optional[str] = ...,
+    ) -> None: ...
+
+class SoftTargetsRequest(_message.Message):
+    __slots__ = (
+        "model",
+        "model_version",
+        "tasks",
+        "temperature",
+        "output",
+        "inputs",
+        "batch_id",
+        "top_k",
+        "output_dtype",
+        "hints",
+    )
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TASKS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    tasks: _containers.RepeatedScalarFieldContainer[str]
+    temperature: float
+    output: OutputKind
+    inputs: Tensor
+    batch_id: str
+    top_k: int
+    output_dtype: DataType
+    hints: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        model: _Optional[str] = ...,
+        model_version: _Optional[str] = ...,
+        tasks: _Optional[_Iterable[str]] = ...,
+        temperature: _Optional[float] = ...,
+        output: _Optional[_Union[OutputKind, str]] = ...,
+        inputs: _Optional[_Union[Tensor, _Mapping]] = ...,
+        batch_id: _Optional[str] = ...,
+        top_k: _Optional[int] = ...,
+        output_dtype: _Optional[_Union[DataType, str]] = ...,
+        hints: _Optional[_Iterable[str]] = ...,
+    ) -> None: ...
+
+class TaskOutput(_message.Message):
+    __slots__ = ("task", "kind", "values", "indices", "tail_mass")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
+    task: str
+    kind: OutputKind
+    values: Tensor
+    indices: Tensor
+    tail_mass: Tensor
+    def __init__(
+        self,
+        task: _Optional[str] = ...,
+        kind: _Optional[_Union[OutputKind, str]] = ...,
+        values: _Optional[_Union[Tensor, _Mapping]] = ...,
+        indices: _Optional[_Union[Tensor, _Mapping]] = ...,
+        tail_mass: _Optional[_Union[Tensor, _Mapping]] = ...,
+    ) -> None: ...
+
+class NamedTensor(_message.Message):
+    __slots__ = ("name", "tensor")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensor: Tensor
+    def __init__(
+        self,
+        name: _Optional[str] = ...,
+        tensor: _Optional[_Union[Tensor, _Mapping]] = ...,
+    ) -> None: ...
+
+class SoftTargetsResponse(_message.Message):
+    __slots__ = (
+        "model",
+        "model_version",
+        "batch_id",
+        "temperature",
+        "outputs",
+        "hints",
+    )
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    HINTS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    batch_id: str
+    temperature: float
+    outputs: _containers.RepeatedCompositeFieldContainer[TaskOutput]
+    hints: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(
+        self,
+        model: _Optional[str] = ...,
+        model_version: _Optional[str] = ...,
+        batch_id: _Optional[str] = ...,
+        temperature: _Optional[float] = ...,
+        outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ...,
+        hints: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...,
+    ) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("code", "message", "field")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    FIELD_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    field: str
+    def __init__(
+        self,
+        code: _Optional[str] = ...,
+        message: _Optional[str] = ...,
+        field: _Optional[str] = ...,
+    ) -> None: ...
+
+class StreamSoftTargetsResponse(_message.Message):
+    __slots__ = ("batch_id", "soft_targets", "error")
+    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
+    SOFT_TARGETS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    batch_id: str
+    soft_targets: SoftTargetsResponse
+    error: Error
+    def __init__(
+        self,
+        batch_id: _Optional[str] = ...,
+        soft_targets: _Optional[_Union[SoftTargetsResponse, _Mapping]] = ...,
+        error: _Optional[_Union[Error, _Mapping]] = ...,
+    ) -> None: ...

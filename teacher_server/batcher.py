@@ -1,0 +1,139 @@
+"""The dynamic batcher: merges requests from every client and transport into one forward.
+
+Requests wait in a bounded asyncio queue. The batcher's task takes the first waiting request, then
+keeps taking more until the merged batch would pass `max_batch_size` samples or
+`max_queue_delay_ms` has passed, and runs the engine on one worker thread, so the event loop never
+blocks on a forward. Each request keeps its own tasks, temperature, output kind, top-k and dtype;
+results go back to each caller's future. Requests whose caller has gone (cancelled future) are
+dropped before the forward.
+
+Thread-safety: `submit` must be called from the event loop that `start` ran on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from protocol.errors import Internal, ResourceExhausted, Unavailable
+from teacher_server.engine import Engine
+from teacher_server.schema import SoftTargets, ValidatedRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Pending:
+    request: ValidatedRequest
+    future: asyncio.Future[SoftTargets]
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        max_batch_size: int,
+        max_queue_delay_ms: float,
+        max_queue_size: int,
+        on_forward: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """`on_forward(requests, samples)` is called after each forward (for metrics and tests)."""
+        self.engine = engine
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay = max_queue_delay_ms / 1000.0
+        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
+        self._carry: _Pending | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self._task: asyncio.Task[None] | None = None
+        self._on_forward = on_forward
+        self.forwards = 0
+        self.requests_forwarded = 0
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def close(self) -> None:
+        """Stop taking work; fail whatever still waits with UNAVAILABLE."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        pending = [self._carry] if self._carry else []
+        while not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        for item in pending:
+            if not item.future.done():
+                item.future.set_exception(Unavailable("server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize() + (1 if self._carry else 0)
+
+    async def submit(self, request: ValidatedRequest) -> SoftTargets:
+        """Queue a request and wait for its soft targets. Raises `ResourceExhausted` at once when
+        the queue is full."""
+        if self._task is None or self._task.done():
+            raise Unavailable("the batcher is not running")
+        future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
+        try:
+            self._queue.put_nowait(_Pending(request, future))
+        except asyncio.QueueFull:
+            raise ResourceExhausted(
+                f"queue: {self._queue.maxsize} requests already waiting for model "
+                f"{self.engine.config.name!r}; retry with backoff",
+                "queue",
+            ) from None
+        return await future
+
+    async def _next_batch(self) -> list[_Pending]:
+        first = self._carry or await self._queue.get()
+        self._carry = None
+        batch, samples = [first], first.request.batch_size
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_queue_delay
+        while samples < self.max_batch_size:
+            try:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    item = await asyncio.wait_for(self._queue.get(), remaining)
+                else:
+                    item = self._queue.get_nowait()
+            except TimeoutError:
+                break
+            if samples + item.request.batch_size > self.max_batch_size:
+                self._carry = item  # first of the next forward: order is kept
+                break
+            batch.append(item)
+            samples += item.request.batch_size
+        return [item for item in batch if not item.future.done()]  # drop callers that left
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(
+                    self._executor, self.engine.run, [item.request for item in batch]
+                )
+            except Exception as error:  # a failed forward fails its requests, not the server
+                log.exception("forward failed for %d requests", len(batch))
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Internal(f"forward failed: {error!r}"))
+                continue
+            self.forwards += 1
+            self.requests_forwarded += len(batch)
+            if self._on_forward is not None:
+                self._on_forward(len(batch), sum(item.request.batch_size for item in batch))
+            for item, result in zip(batch, results, strict=True):
+                if not item.future.done():
+                    item.future.set_result(result)

@@ -1,0 +1,108 @@
+"""The gRPC front door: `distill.v1.TeacherService` on `grpc.aio`.
+
+Each handler decodes, calls the core, encodes. A `TeacherError` becomes its gRPC status with the
+message, plus trailing metadata `error-code` and `error-field`. On the stream, an error in one
+batch is sent as that batch's `error` and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc
+
+from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, TeacherError
+from protocol.v1 import teacher_pb2 as pb
+from protocol.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server import wire
+from teacher_server.core import TeacherCore
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None:
+    context.set_trailing_metadata(((GRPC_CODE_KEY, error.code), (GRPC_FIELD_KEY, error.field)))
+    await context.abort(error.grpc_status, error.message)
+
+
+class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    def __init__(self, core: TeacherCore, max_elements: int, stream_max_in_flight: int) -> None:
+        self._core = core
+        self._max_elements = max_elements
+        self._stream_max_in_flight = stream_max_in_flight
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelSummary(name=m.name, model_version=m.model_version, ready=m.ready)
+                for m in self._core.list_models()
+            ]
+        )
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        try:
+            return wire.model_info_to_pb(self._core.model_info(request.model))
+        except TeacherError as error:
+            await _abort(context, error)
+            raise  # unreachable: abort raises
+
+    async def _answer(self, request: pb.SoftTargetsRequest) -> pb.SoftTargetsResponse:
+        result = await self._core.soft_targets(wire.request_from_pb(request, self._max_elements))
+        return wire.response_to_pb(result)
+
+    async def GetSoftTargets(
+        self, request: pb.SoftTargetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SoftTargetsResponse:
+        try:
+            return await self._answer(request)
+        except TeacherError as error:
+            await _abort(context, error)
+            raise
+
+    async def StreamSoftTargets(
+        self,
+        request_iterator: AsyncIterator[pb.SoftTargetsRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamSoftTargetsResponse]:
+        responses: asyncio.Queue[pb.StreamSoftTargetsResponse | None] = asyncio.Queue()
+        in_flight = asyncio.Semaphore(self._stream_max_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer_one(request: pb.SoftTargetsRequest) -> None:
+            try:
+                message = pb.StreamSoftTargetsResponse(
+                    batch_id=request.batch_id, soft_targets=await self._answer(request)
+                )
+            except TeacherError as error:
+                message = pb.StreamSoftTargetsResponse(
+                    batch_id=request.batch_id,
+                    error=pb.Error(code=error.code, message=error.message, field=error.field),
+                )
+            finally:
+                in_flight.release()
+            await responses.put(message)
+
+        async def read_requests() -> None:
+            try:
+                async for request in request_iterator:
+                    await in_flight.acquire()  # backpressure: stop reading when too many in flight
+                    task = asyncio.create_task(answer_one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                if tasks:
+                    await asyncio.gather(*tasks)
+            finally:
+                await responses.put(None)
+
+        reader = asyncio.create_task(read_requests())
+        try:
+            while (message := await responses.get()) is not None:
+                yield message
+            await reader  # surfaces a reader failure
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()

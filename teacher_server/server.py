@@ -1,0 +1,126 @@
+"""One teacher process: gRPC (`grpc.aio`) and HTTP (uvicorn + FastAPI) on one asyncio loop, sharing
+one core (models, batchers). Started by `teacher-server serve`.
+
+Start-up order: load (or train) the models, start the batchers, bind both ports, then mark the
+gRPC health service SERVING and write the port file, so a waiting client sees "ready" only when
+both doors answer. On SIGTERM/SIGINT: readiness turns false, both servers stop accepting and
+finish what is in flight within the grace period, then the process returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from protocol.v1 import teacher_pb2 as pb
+from protocol.v1 import teacher_pb2_grpc as pb_grpc
+from teacher_server.core import TeacherCore
+from teacher_server.grpc_service import TeacherServicer
+from teacher_server.http_app import create_app
+from teacher_server.settings import Settings
+
+log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 10.0
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: this process handles signals once, for both doors."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _write_port_file(path: Path, grpc_port: int, http_port: int) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "pid": os.getpid()}))
+    tmp.replace(path)  # atomic: a reader never sees half a file
+
+
+async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
+    """Serve until SIGTERM/SIGINT. Loads the repository (training the default teacher if absent)
+    unless a `core` is given."""
+    if core is None:
+        core = await asyncio.to_thread(TeacherCore.from_repository, settings)
+    await core.start()
+
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    grpc_server = grpc.aio.server(options=options)
+    max_elements = settings.max_message_bytes  # no tensor of N elements fits in fewer than N bytes
+    pb_grpc.add_TeacherServiceServicer_to_server(
+        TeacherServicer(core, max_elements, settings.stream_max_in_flight), grpc_server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["TeacherService"].full_name, reflection.SERVICE_NAME),
+        grpc_server,
+    )
+    grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    await grpc_server.start()
+
+    family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+    http_socket = socket.socket(family, socket.SOCK_STREAM)
+    http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    http_socket.bind((settings.host, settings.http_port))
+    http_port = http_socket.getsockname()[1]
+    http_server = _Uvicorn(
+        uvicorn.Config(
+            create_app(core),
+            log_level=settings.log_level,
+            h11_max_incomplete_event_size=settings.max_message_bytes,
+            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+        )
+    )
+    http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
+    while not http_server.started:
+        if http_task.done():
+            await http_task  # raises what failed
+            raise RuntimeError("HTTP server stopped during start-up")
+        await asyncio.sleep(0.01)
+
+    await health.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health.set("distill.v1.TeacherService", health_pb2.HealthCheckResponse.SERVING)
+    if settings.port_file is not None:
+        _write_port_file(settings.port_file, grpc_port, http_port)
+    log.info(
+        "teacher serving: gRPC %s:%d, HTTP http://%s:%d (docs at /docs)",
+        settings.host,
+        grpc_port,
+        settings.host,
+        http_port,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info(
+        "shutting down: no new requests, finishing what is in flight (grace %.0fs)",
+        SHUTDOWN_GRACE_S,
+    )
+    core.ready = False
+    await health.enter_graceful_shutdown()
+    http_server.should_exit = True
+    await grpc_server.stop(SHUTDOWN_GRACE_S)
+    await http_task
+    await core.stop()
+    log.info("teacher stopped")

@@ -1,0 +1,62 @@
+"""The teacher's one settings object: command-line flags over `TEACHER_*` environment variables
+over defaults that run with no configuration."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field can be set as `--field-name` on `teacher-server serve` or as `TEACHER_FIELD_NAME`."""
+
+    model_config = SettingsConfigDict(env_prefix="TEACHER_", protected_namespaces=())
+
+    host: str = Field("127.0.0.1", description="address both servers bind (0.0.0.0 in a container)")
+    grpc_port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port; 0 picks a free one")
+    model_repository: Path = Field(
+        Path("model_repository"), description="folder holding one subfolder per model"
+    )
+    train_default_if_missing: bool = Field(
+        True, description="train the default MNIST teacher into the repository if it has no model"
+    )
+    allowed_architectures: tuple[str, ...] = Field(
+        ("teacher_server.models.",),
+        description="import-path prefixes a config.json may name as its architecture",
+    )
+    device: str = Field(
+        "auto", description="torch device: auto (cuda when available), cpu, cuda:0..."
+    )
+    max_batch_size: int = Field(
+        1024, ge=1, description="most samples in one request, and in one merged forward"
+    )
+    max_queue_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        description="how long the batcher waits for more requests to merge into a forward",
+    )
+    max_queue_size: int = Field(
+        256,
+        ge=1,
+        description="requests waiting for a forward per model; beyond it RESOURCE_EXHAUSTED",
+    )
+    max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="largest gRPC message or HTTP body accepted"
+    )
+    stream_max_in_flight: int = Field(
+        128, ge=1, description="batches of one gRPC stream being computed at once"
+    )
+    port_file: Path | None = Field(
+        None, description="once serving, write {grpc_port, http_port, pid} as JSON to this file"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
