@@ -44,6 +44,7 @@ def model_info(loaded: LoadedModel, engine: Engine, max_batch_size: int) -> Mode
         hints=engine.hint_shapes,
         max_batch_size=max_batch_size,
         description=config.description,
+        parameter_count=sum(p.numel() for p in loaded.module.parameters()),
         ready=True,
     )
 

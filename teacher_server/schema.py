@@ -90,4 +90,5 @@ class ModelInfo:
     hints: dict[str, tuple[int, ...]]  # name -> per-sample shape
     max_batch_size: int
     description: str
+    parameter_count: int
     ready: bool

@@ -84,4 +84,5 @@ def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
         hints=[pb.HintInfo(name=n, shape=s) for n, s in info.hints.items()],
         max_batch_size=info.max_batch_size,
         description=info.description,
+        parameter_count=info.parameter_count,
     )

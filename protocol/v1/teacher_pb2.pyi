@@ -24,7 +24,6 @@ class OutputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROBS: _ClassVar[OutputKind]
     LOG_PROBS: _ClassVar[OutputKind]
     LOGITS: _ClassVar[OutputKind]
-
 DATA_TYPE_UNSPECIFIED: DataType
 FLOAT32: DataType
 FLOAT16: DataType
@@ -46,12 +45,7 @@ class Tensor(_message.Message):
     dtype: DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(
-        self,
-        dtype: _Optional[_Union[DataType, str]] = ...,
-        shape: _Optional[_Iterable[int]] = ...,
-        data: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -61,9 +55,7 @@ class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
     MODELS_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelSummary]
-    def __init__(
-        self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...
-    ) -> None: ...
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
     __slots__ = ("name", "model_version", "ready")
@@ -73,12 +65,7 @@ class ModelSummary(_message.Message):
     name: str
     model_version: str
     ready: bool
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        model_version: _Optional[str] = ...,
-        ready: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model",)
@@ -94,12 +81,7 @@ class TaskInfo(_message.Message):
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     test_accuracy: float
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        class_names: _Optional[_Iterable[str]] = ...,
-        test_accuracy: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., test_accuracy: _Optional[float] = ...) -> None: ...
 
 class HintInfo(_message.Message):
     __slots__ = ("name", "shape")
@@ -107,23 +89,10 @@ class HintInfo(_message.Message):
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     name: str
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(
-        self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = (
-        "name",
-        "model_version",
-        "tasks",
-        "input_shape",
-        "input_dtype",
-        "accepted_input_dtypes",
-        "uint8_scale",
-        "hints",
-        "max_batch_size",
-        "description",
-    )
+    __slots__ = ("name", "model_version", "tasks", "input_shape", "input_dtype", "accepted_input_dtypes", "uint8_scale", "hints", "max_batch_size", "description", "parameter_count")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -134,6 +103,7 @@ class ModelInfo(_message.Message):
     HINTS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_version: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
@@ -144,33 +114,11 @@ class ModelInfo(_message.Message):
     hints: _containers.RepeatedCompositeFieldContainer[HintInfo]
     max_batch_size: int
     description: str
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        model_version: _Optional[str] = ...,
-        tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ...,
-        input_shape: _Optional[_Iterable[int]] = ...,
-        input_dtype: _Optional[_Union[DataType, str]] = ...,
-        accepted_input_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ...,
-        uint8_scale: _Optional[float] = ...,
-        hints: _Optional[_Iterable[_Union[HintInfo, _Mapping]]] = ...,
-        max_batch_size: _Optional[int] = ...,
-        description: _Optional[str] = ...,
-    ) -> None: ...
+    parameter_count: int
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., uint8_scale: _Optional[float] = ..., hints: _Optional[_Iterable[_Union[HintInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
 
 class SoftTargetsRequest(_message.Message):
-    __slots__ = (
-        "model",
-        "model_version",
-        "tasks",
-        "temperature",
-        "output",
-        "inputs",
-        "batch_id",
-        "top_k",
-        "output_dtype",
-        "hints",
-    )
+    __slots__ = ("model", "model_version", "tasks", "temperature", "output", "inputs", "batch_id", "top_k", "output_dtype", "hints")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -191,19 +139,7 @@ class SoftTargetsRequest(_message.Message):
     top_k: int
     output_dtype: DataType
     hints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        model_version: _Optional[str] = ...,
-        tasks: _Optional[_Iterable[str]] = ...,
-        temperature: _Optional[float] = ...,
-        output: _Optional[_Union[OutputKind, str]] = ...,
-        inputs: _Optional[_Union[Tensor, _Mapping]] = ...,
-        batch_id: _Optional[str] = ...,
-        top_k: _Optional[int] = ...,
-        output_dtype: _Optional[_Union[DataType, str]] = ...,
-        hints: _Optional[_Iterable[str]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., output: _Optional[_Union[OutputKind, str]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., batch_id: _Optional[str] = ..., top_k: _Optional[int] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., hints: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskOutput(_message.Message):
     __slots__ = ("task", "kind", "values", "indices", "tail_mass")
@@ -217,14 +153,7 @@ class TaskOutput(_message.Message):
     values: Tensor
     indices: Tensor
     tail_mass: Tensor
-    def __init__(
-        self,
-        task: _Optional[str] = ...,
-        kind: _Optional[_Union[OutputKind, str]] = ...,
-        values: _Optional[_Union[Tensor, _Mapping]] = ...,
-        indices: _Optional[_Union[Tensor, _Mapping]] = ...,
-        tail_mass: _Optional[_Union[Tensor, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, task: _Optional[str] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., tail_mass: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -232,21 +161,10 @@ class NamedTensor(_message.Message):
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     name: str
     tensor: Tensor
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        tensor: _Optional[_Union[Tensor, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SoftTargetsResponse(_message.Message):
-    __slots__ = (
-        "model",
-        "model_version",
-        "batch_id",
-        "temperature",
-        "outputs",
-        "hints",
-    )
+    __slots__ = ("model", "model_version", "batch_id", "temperature", "outputs", "hints")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
@@ -259,15 +177,7 @@ class SoftTargetsResponse(_message.Message):
     temperature: float
     outputs: _containers.RepeatedCompositeFieldContainer[TaskOutput]
     hints: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(
-        self,
-        model: _Optional[str] = ...,
-        model_version: _Optional[str] = ...,
-        batch_id: _Optional[str] = ...,
-        temperature: _Optional[float] = ...,
-        outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ...,
-        hints: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...,
-    ) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., batch_id: _Optional[str] = ..., temperature: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ..., hints: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -277,12 +187,7 @@ class Error(_message.Message):
     code: str
     message: str
     field: str
-    def __init__(
-        self,
-        code: _Optional[str] = ...,
-        message: _Optional[str] = ...,
-        field: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class StreamSoftTargetsResponse(_message.Message):
     __slots__ = ("batch_id", "soft_targets", "error")
@@ -292,9 +197,4 @@ class StreamSoftTargetsResponse(_message.Message):
     batch_id: str
     soft_targets: SoftTargetsResponse
     error: Error
-    def __init__(
-        self,
-        batch_id: _Optional[str] = ...,
-        soft_targets: _Optional[_Union[SoftTargetsResponse, _Mapping]] = ...,
-        error: _Optional[_Union[Error, _Mapping]] = ...,
-    ) -> None: ...
+    def __init__(self, batch_id: _Optional[str] = ..., soft_targets: _Optional[_Union[SoftTargetsResponse, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

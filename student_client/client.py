@@ -1,0 +1,156 @@
+"""`TeacherClient`: the student's handle on a remote teacher.
+
+    from student_client import TeacherClient
+
+    with TeacherClient("127.0.0.1:50051") as teacher:           # gRPC (default)
+        info = teacher.model_info()                              # tasks, classes, version
+        targets = teacher.soft_targets(images, temperature=4.0)  # images: (batch, 1, 28, 28)
+        probs = targets.tensor("digit")                          # (batch, 10) float32
+
+Every server error is raised as its `protocol.errors` class (`InvalidArgument`, `NotFound`, ...),
+whatever the transport; a teacher that cannot be reached raises `Unavailable` naming the address.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Sequence
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from protocol.errors import TeacherError
+from student_client.grpc_transport import GrpcTransport
+from student_client.http_transport import HttpTransport
+from student_client.types import ModelInfo, ModelSummary, SoftTargets, TargetOptions
+
+
+class Stream(Protocol):
+    def send(
+        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+    ) -> None: ...
+
+    def receive(self) -> tuple[str, SoftTargets | TeacherError]: ...
+
+    def close(self) -> None: ...
+
+
+class Transport(Protocol):
+    address: str
+
+    def list_models(self) -> list[ModelSummary]: ...
+
+    def model_info(self, model: str) -> ModelInfo: ...
+
+    def soft_targets(
+        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+    ) -> SoftTargets: ...
+
+    def open_stream(self) -> Stream: ...
+
+    def close(self) -> None: ...
+
+
+def as_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy array of the batch (torch tensors are moved to the CPU first)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.detach().cpu().numpy()
+    return np.ascontiguousarray(inputs)
+
+
+class TeacherClient:
+    """A connection to one teacher. Thread-safe for unary calls; each `open_stream()` is for one
+    thread. `address` is `host:port` for gRPC, or `http://host:port` (or `host:port` with
+    `transport="http"`) for HTTP."""
+
+    def __init__(
+        self,
+        address: str,
+        transport: Literal["grpc", "http"] = "grpc",
+        timeout: float = 60.0,
+    ) -> None:
+        if transport == "grpc":
+            self._transport: Transport = GrpcTransport(address, timeout)
+        elif transport == "http":
+            base_url = (
+                address if address.startswith(("http://", "https://")) else f"http://{address}"
+            )
+            self._transport = HttpTransport(base_url, timeout)
+        else:
+            raise ValueError(f"transport must be 'grpc' or 'http', got {transport!r}")
+        self.address = address
+        self._default_model: str | None = None
+
+    def __enter__(self) -> TeacherClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def list_models(self) -> list[ModelSummary]:
+        return self._transport.list_models()
+
+    def resolve_model(self, model: str | None) -> str:
+        """`model`, or the teacher's first model when None."""
+        if model is not None:
+            return model
+        if self._default_model is None:
+            models = self.list_models()
+            if not models:
+                raise LookupError(f"teacher at {self.address} serves no model")
+            self._default_model = models[0].name
+        return self._default_model
+
+    def model_info(self, model: str | None = None) -> ModelInfo:
+        return self._transport.model_info(self.resolve_model(model))
+
+    def soft_targets(
+        self,
+        inputs: np.ndarray | torch.Tensor,
+        model: str | None = None,
+        tasks: Sequence[str] = (),
+        temperature: float = 1.0,
+        output: str = "probs",
+        top_k: int = 0,
+        output_dtype: str = "float32",
+        hints: Sequence[str] = (),
+        model_version: str = "",
+        batch_id: str | None = None,
+    ) -> SoftTargets:
+        """The teacher's soft targets for one batch `inputs` (batch, *input_shape)."""
+        options = TargetOptions(
+            model,
+            tuple(tasks),
+            temperature,
+            output,
+            top_k,
+            output_dtype,
+            tuple(hints),
+            model_version,
+        )
+        return self.soft_targets_with(inputs, options, batch_id)
+
+    def soft_targets_with(
+        self, inputs: np.ndarray | torch.Tensor, options: TargetOptions, batch_id: str | None = None
+    ) -> SoftTargets:
+        """Like `soft_targets`, with the options as one `TargetOptions`."""
+        return self._transport.soft_targets(
+            as_numpy(inputs),
+            options,
+            self.resolve_model(options.model),
+            batch_id if batch_id is not None else uuid.uuid4().hex,
+        )
+
+    def open_stream(self) -> Stream:
+        """A bidirectional stream (gRPC), or a pool of unary calls (HTTP), for many batches in
+        flight; `SoftTargetLoader` uses it."""
+        return self._transport.open_stream()
+
+    def with_model(self, options: TargetOptions) -> TargetOptions:
+        """`options` with its model resolved to a name."""
+        return dataclasses.replace(options, model=self.resolve_model(options.model))

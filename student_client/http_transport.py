@@ -1,0 +1,146 @@
+"""HTTP (JSON) transport of the student client, for networks where gRPC cannot pass.
+
+A "stream" here is a small pool of threads sending unary requests, so a loader can keep several
+batches in flight the same way it does over gRPC.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import httpx
+import numpy as np
+
+from protocol.errors import TeacherError, Unavailable, error_from_code
+from student_client.types import (
+    ModelInfo,
+    ModelSummary,
+    SoftTargets,
+    TargetOptions,
+    TaskInfo,
+    TaskTargets,
+)
+
+
+def _array(values: Any, dtype: str = "float32") -> np.ndarray:
+    return np.asarray(values, dtype=dtype)
+
+
+def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
+    outputs = {
+        task: TaskTargets(
+            task=task,
+            kind=entry["kind"],
+            values=_array(entry["values"]),
+            indices=_array(entry["indices"], "int64") if "indices" in entry else None,
+            tail_mass=_array(entry["tail_mass"]) if "tail_mass" in entry else None,
+        )
+        for task, entry in body["outputs"].items()
+    }
+    return SoftTargets(
+        model=body["model"],
+        model_version=body["model_version"],
+        batch_id=body["batch_id"],
+        temperature=body["temperature"],
+        outputs=outputs,
+        hints={name: _array(value) for name, value in body.get("hints", {}).items()},
+    )
+
+
+class HttpTransport:
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.address = base_url
+        self._client = httpx.Client(base_url=base_url, timeout=timeout)
+
+    def _request(self, method: str, path: str, json: dict[str, Any] | None = None) -> Any:
+        try:
+            response = self._client.request(method, path, json=json)
+        except httpx.TransportError as error:
+            raise Unavailable(
+                f"teacher at {self.address}: {type(error).__name__}: {error}"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                detail = response.json()["error"]
+                raise error_from_code(detail["code"], detail["message"], detail.get("field", ""))
+            except (ValueError, KeyError, TypeError):
+                raise error_from_code(
+                    "INTERNAL",
+                    f"teacher at {self.address}: HTTP {response.status_code}: {response.text[:200]}",
+                ) from None
+        return response.json()
+
+    def list_models(self) -> list[ModelSummary]:
+        body = self._request("GET", "/v1/models")
+        return [ModelSummary(m["name"], m["model_version"], m["ready"]) for m in body["models"]]
+
+    def model_info(self, model: str) -> ModelInfo:
+        body = self._request("GET", f"/v1/models/{model}")
+        return ModelInfo(
+            name=body["name"],
+            model_version=body["model_version"],
+            tasks=tuple(
+                TaskInfo(t["name"], tuple(t["class_names"]), t.get("test_accuracy"))
+                for t in body["tasks"]
+            ),
+            input_shape=tuple(body["input_shape"]),
+            input_dtype=body["input_dtype"],
+            accepted_input_dtypes=tuple(body["accepted_input_dtypes"]),
+            uint8_scale=body["uint8_scale"],
+            hints={name: tuple(shape) for name, shape in body["hints"].items()},
+            max_batch_size=body["max_batch_size"],
+            description=body.get("description", ""),
+            parameter_count=body.get("parameter_count", 0),
+        )
+
+    def soft_targets(
+        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+    ) -> SoftTargets:
+        body = {
+            "inputs": inputs.tolist(),
+            "dtype": inputs.dtype.name,
+            "tasks": list(options.tasks),
+            "temperature": options.temperature,
+            "output": options.output,
+            "batch_id": batch_id,
+            "model_version": options.model_version,
+            "top_k": options.top_k,
+            "output_dtype": options.output_dtype,
+            "hints": list(options.hints),
+        }
+        return soft_targets_from_json(
+            self._request("POST", f"/v1/models/{model}/soft-targets", body)
+        )
+
+    def open_stream(self) -> HttpStream:
+        return HttpStream(self)
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class HttpStream:
+    """Unary HTTP requests on a few threads, answered in completion order."""
+
+    def __init__(self, transport: HttpTransport, workers: int = 4) -> None:
+        self._transport = transport
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="http-stream")
+        self._done: queue.Queue[tuple[str, Future[SoftTargets]]] = queue.Queue()
+
+    def send(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
+        future = self._pool.submit(self._transport.soft_targets, inputs, options, model, batch_id)
+        future.add_done_callback(lambda f: self._done.put((batch_id, f)))
+
+    def receive(self) -> tuple[str, SoftTargets | TeacherError]:
+        batch_id, future = self._done.get()
+        error = future.exception()
+        if error is None:
+            return batch_id, future.result()
+        if isinstance(error, TeacherError):
+            return batch_id, error
+        raise error
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

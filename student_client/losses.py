@@ -1,0 +1,309 @@
+"""Knowledge-distillation losses for students trained on the teacher server's soft targets.
+
+One `nn.Module` per method:
+
+- `HintonKDLoss`: dense teacher probabilities at temperature T (`output=probs`, `top_k=0`).
+- `TopKKDLoss`: sparse teacher probabilities (`output=probs`, `top_k=k`): the k largest classes per
+  row plus the tail mass, giving an exact KL over k + 1 buckets.
+- `MultiTaskKDLoss`: a weighted sum of `HintonKDLoss` over the tasks of a multi-task teacher.
+
+Every loss returns a 0-dim tensor on the student's device. It is computed in float32, or in
+float64 when an input is float64, whatever the dtype of the teacher's targets (the server may send
+float16 / bfloat16). All reductions over the batch are means, so the value does not grow with the
+batch size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_alpha_temperature(alpha: float, temperature: float) -> None:
+    """Raise `ValueError` unless 0 <= alpha <= 1 and temperature is finite and > 0."""
+    if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha: must be a number in [0, 1], got {alpha!r}")
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)):
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature: must be a finite number > 0, got {temperature!r}")
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 if any of `tensors` is float64."""
+    if any(tensor.dtype == torch.float64 for tensor in tensors):
+        return torch.float64
+    return torch.float32
+
+
+def _check_student_and_labels(student_logits: Tensor, labels: Tensor | None) -> None:
+    """Raise `ValueError` unless logits are (batch >= 1, classes >= 1) floats and labels (batch,)."""
+    if student_logits.dim() != 2 or student_logits.shape[0] == 0 or student_logits.shape[1] == 0:
+        raise ValueError(
+            f"student_logits: expected shape (batch >= 1, classes >= 1), "
+            f"got {tuple(student_logits.shape)}"
+        )
+    if not student_logits.is_floating_point():
+        raise ValueError(f"student_logits: expected a floating dtype, got {student_logits.dtype}")
+    if labels is None:
+        return
+    if labels.shape != student_logits.shape[:1]:
+        raise ValueError(
+            f"labels: expected shape {tuple(student_logits.shape[:1])} to match student_logits "
+            f"{tuple(student_logits.shape)}, got {tuple(labels.shape)}"
+        )
+    if labels.dtype != torch.int64:
+        raise ValueError(f"labels: expected dtype torch.int64, got {labels.dtype}")
+
+
+def _plogp_minus_plogq(p: Tensor, log_q: Tensor) -> Tensor:
+    """Elementwise p * (log p - log q), with 0 * log 0 = 0 and 0 * log q = 0 for any q.
+
+    The masked branch never produces a NaN gradient for `log_q`, even where `log_q` is -inf.
+    """
+    cross = torch.where(p > 0, p * log_q, torch.zeros_like(p))
+    return torch.xlogy(p, p) - cross
+
+
+class HintonKDLoss(nn.Module):
+    """Soft-target distillation loss of Hinton et al. with dense teacher probabilities.
+
+    Geoffrey Hinton, Oriol Vinyals, Jeff Dean (2015), "Distilling the Knowledge in a Neural
+    Network", arXiv:1503.02531.
+
+    loss = alpha * T^2 * KL(p_teacher || softmax(student_logits / T))
+           + (1 - alpha) * CE(student_logits, labels)
+
+    The KL is summed over classes and averaged over the batch ("batchmean"), in nats. The T^2
+    factor keeps the soft-target gradient at the same scale as the hard-label gradient when T
+    changes (section 2 of the paper). The cross entropy uses the raw logits (T = 1) and is
+    averaged over the batch. When `labels` is None the loss is pure distillation: alpha is taken
+    to be 1, i.e. `T^2 * KL` with no (1 - alpha) down-weighting.
+
+    The teacher's probabilities are used as a constant target; 0 * log 0 is taken as 0, so
+    classes to which the teacher gives probability exactly 0 contribute nothing.
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0) -> None:
+        """`alpha` in [0, 1] weights the KD term; `temperature` T > 0 (finite) softens both sides.
+
+        Raises `ValueError` naming the argument and its value otherwise.
+        """
+        super().__init__()
+        _check_alpha_temperature(alpha, temperature)
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+
+    def forward(
+        self, student_logits: Tensor, teacher_probs: Tensor, labels: Tensor | None = None
+    ) -> Tensor:
+        """Return the 0-dim loss for one batch.
+
+        Args:
+            student_logits: (batch, classes) floating raw student logits (T = 1).
+            teacher_probs: (batch, classes) the teacher's softmax at this loss's temperature;
+                each row is a probability distribution. Any floating dtype.
+            labels: (batch,) int64 class indices in [0, classes), or None for pure distillation.
+
+        Raises `ValueError` naming the shapes if `teacher_probs` or `labels` does not match
+        `student_logits`, or if a dtype is wrong.
+        """
+        _check_student_and_labels(student_logits, labels)
+        if teacher_probs.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_probs: shape {tuple(teacher_probs.shape)} does not match "
+                f"student_logits shape {tuple(student_logits.shape)}"
+            )
+        dtype = _compute_dtype(student_logits, teacher_probs)
+        logits = student_logits.to(dtype)  # (batch, classes)
+        teacher = teacher_probs.to(device=logits.device, dtype=dtype)  # (batch, classes)
+        t = self.temperature
+
+        log_p_student = F.log_softmax(logits / t, dim=1)  # (batch, classes)
+        kl_rows = _plogp_minus_plogq(teacher, log_p_student).sum(dim=1)  # (batch,)
+        kd = kl_rows.mean() * (t * t)  # ()
+
+        if labels is None:
+            return kd
+        ce = F.cross_entropy(logits, labels.to(logits.device))  # ()
+        return self.alpha * kd + (1.0 - self.alpha) * ce
+
+
+class TopKKDLoss(nn.Module):
+    """Hinton et al.'s soft-target loss with sparse (top-k plus tail mass) teacher targets.
+
+    Geoffrey Hinton, Oriol Vinyals, Jeff Dean (2015), "Distilling the Knowledge in a Neural
+    Network", arXiv:1503.02531.
+
+    The teacher sends, per row, its k largest probabilities at temperature T, their class indices
+    and `tail_mass` = 1 - (sum of those k). The KD term is the exact KL divergence between two
+    distributions over k + 1 buckets: the k listed classes, and one tail bucket holding every
+    other class. The student's tail probability is 1 - (its probability at T on the k classes),
+    computed stably in log space as logsumexp(non-top-k logits / T) - logsumexp(all logits / T).
+
+    loss = alpha * T^2 * KL_{k+1}(p_teacher || p_student) + (1 - alpha) * CE(student_logits, labels)
+
+    As in `HintonKDLoss`, the KL is batchmean in nats, the cross entropy uses the raw logits, and
+    `labels=None` means pure distillation (alpha taken to be 1). With k = classes and tail_mass 0
+    the result equals `HintonKDLoss` on the dense probabilities scattered back to their classes.
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0) -> None:
+        """`alpha` in [0, 1] weights the KD term; `temperature` T > 0 (finite) softens both sides.
+
+        Raises `ValueError` naming the argument and its value otherwise.
+        """
+        super().__init__()
+        _check_alpha_temperature(alpha, temperature)
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_values: Tensor,
+        teacher_indices: Tensor,
+        tail_mass: Tensor,
+        labels: Tensor | None = None,
+    ) -> Tensor:
+        """Return the 0-dim loss for one batch.
+
+        Args:
+            student_logits: (batch, classes) floating raw student logits (T = 1).
+            teacher_values: (batch, k) the teacher's probabilities at this loss's temperature for
+                the classes in `teacher_indices`, 1 <= k <= classes. Any floating dtype.
+            teacher_indices: (batch, k) int64 class indices; each row's k indices must be
+                distinct and in [0, classes) (not checked: it would cost a device sync).
+            tail_mass: (batch,) 1 - sum of each row of `teacher_values`. Values below 0 (rounding)
+                are clamped to 0.
+            labels: (batch,) int64 class indices in [0, classes), or None for pure distillation.
+
+        Raises `ValueError` naming the shapes if the inputs do not fit together, or if a dtype
+        is wrong.
+        """
+        _check_student_and_labels(student_logits, labels)
+        batch, classes = student_logits.shape
+        if teacher_values.dim() != 2 or teacher_values.shape != teacher_indices.shape:
+            raise ValueError(
+                f"teacher_values: shape {tuple(teacher_values.shape)} and teacher_indices shape "
+                f"{tuple(teacher_indices.shape)} must be the same (batch, k)"
+            )
+        k = teacher_values.shape[1]
+        if teacher_values.shape[0] != batch or not 1 <= k <= classes:
+            raise ValueError(
+                f"teacher_values: shape {tuple(teacher_values.shape)} does not fit student_logits "
+                f"shape {tuple(student_logits.shape)}: expected ({batch}, k) with "
+                f"1 <= k <= {classes}"
+            )
+        if teacher_indices.dtype != torch.int64:
+            raise ValueError(
+                f"teacher_indices: expected dtype torch.int64, got {teacher_indices.dtype}"
+            )
+        if tail_mass.shape != (batch,):
+            raise ValueError(
+                f"tail_mass: shape {tuple(tail_mass.shape)} does not match student_logits shape "
+                f"{tuple(student_logits.shape)}: expected ({batch},)"
+            )
+        dtype = _compute_dtype(student_logits, teacher_values, tail_mass)
+        logits = student_logits.to(dtype)  # (batch, classes)
+        device = logits.device
+        top_p_teacher = teacher_values.to(device=device, dtype=dtype)  # (batch, k)
+        indices = teacher_indices.to(device)  # (batch, k)
+        tail_p_teacher = tail_mass.to(device=device, dtype=dtype).clamp(min=0.0)  # (batch,)
+        t = self.temperature
+
+        scaled = logits / t  # (batch, classes)
+        log_z = torch.logsumexp(scaled, dim=1)  # (batch,)
+        top_log_p_student = scaled.gather(1, indices) - log_z.unsqueeze(1)  # (batch, k)
+        in_top_k = torch.zeros_like(scaled, dtype=torch.bool).scatter(1, indices, True)
+        tail_scaled = scaled.masked_fill(in_top_k, float("-inf"))  # (batch, classes)
+        # -inf when k = classes; _plogp_minus_plogq then gives 0 for a zero teacher tail.
+        tail_log_p_student = torch.logsumexp(tail_scaled, dim=1) - log_z  # (batch,)
+
+        kl_top = _plogp_minus_plogq(top_p_teacher, top_log_p_student).sum(dim=1)  # (batch,)
+        kl_tail = _plogp_minus_plogq(tail_p_teacher, tail_log_p_student)  # (batch,)
+        kd = (kl_top + kl_tail).mean() * (t * t)  # ()
+
+        if labels is None:
+            return kd
+        ce = F.cross_entropy(logits, labels.to(device))  # ()
+        return self.alpha * kd + (1.0 - self.alpha) * ce
+
+
+class MultiTaskKDLoss(nn.Module):
+    """Weighted sum over tasks of Hinton et al.'s soft-target loss, one head per task.
+
+    Geoffrey Hinton, Oriol Vinyals, Jeff Dean (2015), "Distilling the Knowledge in a Neural
+    Network", arXiv:1503.02531, applied to each task head of a multi-task teacher separately.
+
+    loss = sum over tasks in student_logits of task_weights[task] * HintonKDLoss(task)
+
+    Every task shares one `alpha` and one `temperature`. A task absent from `task_weights` has
+    weight 1.0. After each call, `last_task_losses` maps each task to its unweighted
+    `HintonKDLoss` value as a detached Python float, for logging (reading the floats waits for
+    the device, once per task per call).
+    """
+
+    def __init__(
+        self,
+        task_weights: Mapping[str, float] | None = None,
+        alpha: float = 0.5,
+        temperature: float = 4.0,
+    ) -> None:
+        """`task_weights` maps task name to a finite weight >= 0 (default 1.0 for every task).
+
+        `alpha` and `temperature` are as in `HintonKDLoss`. Raises `ValueError` naming the
+        argument and its value if any is out of range.
+        """
+        super().__init__()
+        weights = dict(task_weights or {})
+        for task, weight in weights.items():
+            if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+                raise ValueError(
+                    f"task_weights[{task!r}]: must be a finite number >= 0, got {weight!r}"
+                )
+        self.task_weights: dict[str, float] = {task: float(w) for task, w in weights.items()}
+        self.kd = HintonKDLoss(alpha=alpha, temperature=temperature)
+        self.last_task_losses: dict[str, float] = {}
+
+    def forward(
+        self,
+        student_logits: Mapping[str, Tensor],
+        teacher_probs: Mapping[str, Tensor],
+        labels: Mapping[str, Tensor] | None = None,
+    ) -> Tensor:
+        """Return the 0-dim weighted sum of the per-task losses.
+
+        Args:
+            student_logits: task -> (batch, classes_task) raw student logits. The tasks summed
+                over are exactly these keys; there must be at least one.
+            teacher_probs: task -> (batch, classes_task) teacher softmax at this temperature. Extra
+                tasks are ignored.
+            labels: task -> (batch,) int64 labels. None, or a task missing from the mapping,
+                means pure distillation for that task (see `HintonKDLoss`).
+
+        Raises `KeyError` naming the task if `teacher_probs` has no entry for a task in
+        `student_logits`, and `ValueError` if `student_logits` is empty or shapes do not match.
+        """
+        if not student_logits:
+            raise ValueError("student_logits: expected at least one task, got none")
+        total: Tensor | None = None
+        task_losses: dict[str, float] = {}
+        for task, logits in student_logits.items():
+            if task not in teacher_probs:
+                raise KeyError(
+                    f"teacher_probs: no soft targets for task {task!r}; "
+                    f"got tasks {sorted(teacher_probs)}"
+                )
+            task_labels = None if labels is None else labels.get(task)
+            task_loss = self.kd(logits, teacher_probs[task], task_labels)  # ()
+            task_losses[task] = float(task_loss.detach())
+            weighted = self.task_weights.get(task, 1.0) * task_loss  # ()
+            total = weighted if total is None else total + weighted
+        self.last_task_losses = task_losses
+        assert total is not None  # student_logits is non-empty
+        return total
