@@ -20,7 +20,7 @@ from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
 
 # Wire dtype enum <-> the name used in JSON, config files and docs.
-DTYPE_NAMES: Final[dict[int, str]] = {
+DTYPE_NAMES: Final[dict[pb.DataType, str]] = {
     pb.FLOAT32: "float32",
     pb.FLOAT16: "float16",
     pb.BFLOAT16: "bfloat16",
@@ -29,10 +29,10 @@ DTYPE_NAMES: Final[dict[int, str]] = {
     pb.INT32: "int32",
     pb.FLOAT64: "float64",
 }
-DTYPES_BY_NAME: Final[dict[str, int]] = {name: value for value, name in DTYPE_NAMES.items()}
+DTYPES_BY_NAME: Final[dict[str, pb.DataType]] = {name: value for value, name in DTYPE_NAMES.items()}
 
 # Little-endian numpy dtype of the bytes on the wire (bfloat16: raw 16-bit patterns).
-_WIRE_NUMPY: Final[dict[int, np.dtype]] = {
+_WIRE_NUMPY: Final[dict[pb.DataType, np.dtype]] = {
     pb.FLOAT32: np.dtype("<f4"),
     pb.FLOAT16: np.dtype("<f2"),
     pb.BFLOAT16: np.dtype("<u2"),
@@ -41,7 +41,7 @@ _WIRE_NUMPY: Final[dict[int, np.dtype]] = {
     pb.INT32: np.dtype("<i4"),
     pb.FLOAT64: np.dtype("<f8"),
 }
-_DTYPE_BY_NUMPY: Final[dict[np.dtype, int]] = {
+_DTYPE_BY_NUMPY: Final[dict[np.dtype, pb.DataType]] = {
     np.dtype(np.float32): pb.FLOAT32,
     np.dtype(np.float16): pb.FLOAT16,
     np.dtype(np.uint8): pb.UINT8,
@@ -55,10 +55,13 @@ DEFAULT_MAX_ELEMENTS: Final = 1 << 28
 
 def dtype_name(dtype: int) -> str:
     """The JSON/config name of a wire dtype (`float32`, ...); `unknown(<n>)` for other values."""
-    return DTYPE_NAMES.get(dtype, f"unknown({dtype})")
+    for value, name in DTYPE_NAMES.items():
+        if value == dtype:
+            return name
+    return f"unknown({dtype})"
 
 
-def parse_dtype_name(name: str, field: str) -> int:
+def parse_dtype_name(name: str, field: str) -> pb.DataType:
     """The wire dtype for a name such as `float32`, or `InvalidArgument` naming `field`."""
     try:
         return DTYPES_BY_NAME[name]
@@ -69,7 +72,7 @@ def parse_dtype_name(name: str, field: str) -> int:
         ) from None
 
 
-def itemsize(dtype: int) -> int:
+def itemsize(dtype: pb.DataType) -> int:
     return _WIRE_NUMPY[dtype].itemsize
 
 
@@ -89,7 +92,7 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
-def encode(array: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+def encode(array: np.ndarray, dtype: pb.DataType | None = None) -> pb.Tensor:
     """Encode an array as a Tensor. `dtype` (a wire DataType) converts first, e.g. pb.FLOAT16 or
     pb.BFLOAT16 for compact outputs; by default the array's own dtype is kept (it must be one of
     float32/float16/uint8/int64/int32/float64)."""

@@ -26,7 +26,8 @@ class Engine:
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
-        self.model = loaded.module
+        self.forward_features = loaded.forward_features
+        self.heads = loaded.heads
         self.hint_shapes = self._probe_hint_shapes()
 
     def _model_input(self, inputs: np.ndarray) -> torch.Tensor:
@@ -42,7 +43,7 @@ class Engine:
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
         sample = np.zeros((1, *self.config.input_shape), dtype=dtype)
         with torch.inference_mode():
-            features = self.model.forward_features(self._model_input(sample).to(self.device))
+            features = self.forward_features(self._model_input(sample).to(self.device))
         return {name: tuple(features[name].shape[1:]) for name in self.config.hints}
 
     def run(self, batch: list[ValidatedRequest]) -> list[SoftTargets]:
@@ -50,8 +51,8 @@ class Engine:
         tasks = sorted({task for item in batch for task in item.tasks})
         inputs = torch.cat([self._model_input(item.inputs) for item in batch]).to(self.device)
         with torch.inference_mode():
-            features = self.model.forward_features(inputs)
-            logits = {task: self.model.heads[task](features["features"]).float() for task in tasks}
+            features = self.forward_features(inputs)
+            logits = {task: self.heads[task](features["features"]).float() for task in tasks}
         results = []
         start = 0
         for item in batch:

@@ -16,6 +16,7 @@ import hashlib
 import importlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,13 @@ def parse_config(raw: Any, where: str) -> ModelConfig:
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to run: its config, its module (eval mode, on `device`) and its version."""
+    """A model ready to run: its config, its module (eval mode, on `device`) and its version.
+    `forward_features` and `heads` are the module's backbone and per-task heads, checked at load."""
 
     config: ModelConfig
     module: nn.Module
+    forward_features: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    heads: nn.ModuleDict
     version: str
     device: torch.device
 
@@ -201,18 +205,17 @@ def load_model(
         module.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as error:
         raise ModelLoadError(f"{weights_path}: weights do not match the config: {error}") from error
-    for method in ("forward_features",):
-        if not callable(getattr(module, method, None)):
-            raise ModelLoadError(f"{config.architecture} has no {method}()")
-    if not isinstance(getattr(module, "heads", None), nn.ModuleDict) or set(module.heads) != set(
-        tasks
-    ):
+    forward_features = getattr(module, "forward_features", None)
+    if not callable(forward_features):
+        raise ModelLoadError(f"{config.architecture} has no forward_features()")
+    heads = getattr(module, "heads", None)
+    if not isinstance(heads, nn.ModuleDict) or set(heads.keys()) != set(tasks):
         raise ModelLoadError(
             f"{config.architecture}: `heads` must be a ModuleDict of the config's tasks"
         )
     module.to(device).eval()
     version = "sha256:" + hashlib.sha256(config_bytes + weights_bytes).hexdigest()
-    return LoadedModel(config=config, module=module, version=version, device=device)
+    return LoadedModel(config, module, forward_features, heads, version, device)
 
 
 def save_model(folder: Path, config: ModelConfig, module: nn.Module) -> None:
