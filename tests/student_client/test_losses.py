@@ -1,0 +1,309 @@
+"""Tests for student_client.losses: values checked against hand-written formulas, not the code."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from student_client.losses import HintonKDLoss, MultiTaskKDLoss, TopKKDLoss
+
+
+def _np_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = x - x.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def _random_case(
+    batch: int, classes: int, seed: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 student logits, teacher probabilities at `temperature`, and int64 labels."""
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * 3
+    teacher_logits = torch.randn(batch, classes, generator=generator, dtype=torch.float64) * 3
+    teacher_probs = torch.softmax(teacher_logits / temperature, dim=1)
+    labels = torch.randint(0, classes, (batch,), generator=generator)
+    return student, teacher_probs, labels
+
+
+# --- HintonKDLoss ---------------------------------------------------------------------------------
+
+
+def test_kd_term_is_zero_when_student_matches_teacher() -> None:
+    temperature = 3.0
+    logits = torch.tensor([[1.0, -2.0, 0.5, 4.0], [0.0, 0.0, 0.0, 0.0], [10.0, -10.0, 3.0, 2.0]])
+    teacher_probs = torch.softmax(logits / temperature, dim=1)
+    labels = torch.tensor([3, 0, 1])
+    loss = HintonKDLoss(alpha=1.0, temperature=temperature)(logits, teacher_probs, labels)
+    assert loss.shape == ()
+    assert abs(loss.item()) < 1e-6
+
+
+def test_tiny_case_matches_hand_computed_formula() -> None:
+    alpha, temperature = 0.5, 2.0
+    student = [1.0, 3.0]
+    teacher_logits = [2.0, 0.0]
+    label = 0
+
+    # Literal formula, one sample, two classes.
+    t0 = math.exp(teacher_logits[0] / temperature)
+    t1 = math.exp(teacher_logits[1] / temperature)
+    p = [t0 / (t0 + t1), t1 / (t0 + t1)]
+    s0 = math.exp(student[0] / temperature)
+    s1 = math.exp(student[1] / temperature)
+    q = [s0 / (s0 + s1), s1 / (s0 + s1)]
+    kl = p[0] * math.log(p[0] / q[0]) + p[1] * math.log(p[1] / q[1])
+    ce = -math.log(math.exp(student[label]) / (math.exp(student[0]) + math.exp(student[1])))
+    expected = alpha * temperature**2 * kl + (1 - alpha) * ce
+
+    loss = HintonKDLoss(alpha=alpha, temperature=temperature)(
+        torch.tensor([student], dtype=torch.float64),
+        torch.tensor([p], dtype=torch.float64),
+        torch.tensor([label]),
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    # The pieces are not trivially small, so a missing T^2 or a wrong weight would show.
+    assert kl > 0.1
+    assert ce > 1.0
+
+
+def test_gradient_matches_analytic_t_squared_scaling() -> None:
+    temperature = 8.0
+    student, teacher_probs, _ = _random_case(batch=5, classes=7, seed=0, temperature=temperature)
+    student.requires_grad_(True)
+    loss = HintonKDLoss(alpha=1.0, temperature=temperature)(student, teacher_probs, None)
+    (grad,) = torch.autograd.grad(loss, student)
+
+    # d/ds [T^2 * KL(p || softmax(s / T))] / batch = T * (softmax(s / T) - p) / batch
+    with torch.no_grad():
+        expected = temperature * (torch.softmax(student / temperature, dim=1) - teacher_probs) / 5
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    # The T^2 factor keeps the gradient from vanishing like 1/T.
+    assert grad.abs().max().item() > 1e-3
+
+
+def test_alpha_zero_is_exactly_cross_entropy() -> None:
+    student, teacher_probs, labels = _random_case(batch=6, classes=5, seed=1, temperature=4.0)
+    student = student.float()
+    loss = HintonKDLoss(alpha=0.0, temperature=4.0)(student, teacher_probs.float(), labels)
+    assert torch.equal(loss, F.cross_entropy(student, labels))
+
+
+def test_labels_none_is_pure_kd() -> None:
+    temperature = 2.5
+    student, teacher_probs, labels = _random_case(
+        batch=4, classes=6, seed=2, temperature=temperature
+    )
+    pure = HintonKDLoss(alpha=0.3, temperature=temperature)(student, teacher_probs, None)
+    alpha_one = HintonKDLoss(alpha=1.0, temperature=temperature)(student, teacher_probs, labels)
+    torch.testing.assert_close(pure, alpha_one, rtol=0, atol=0)
+
+    p = teacher_probs.numpy()
+    q = _np_softmax(student.numpy() / temperature)
+    expected = temperature**2 * np.mean(np.sum(p * np.log(p / q), axis=1))
+    assert pure.item() == pytest.approx(expected, rel=1e-10)
+
+
+def test_zero_teacher_probabilities_count_as_zero_log_zero() -> None:
+    temperature = 2.0
+    student = torch.tensor([[0.5, 1.5, -1.0]], dtype=torch.float64, requires_grad=True)
+    one_hot = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    loss = HintonKDLoss(alpha=1.0, temperature=temperature)(student, one_hot)
+    # KL(one-hot || q) = -log q_0
+    q0 = math.exp(0.25) / (math.exp(0.25) + math.exp(0.75) + math.exp(-0.5))
+    assert loss.item() == pytest.approx(-(temperature**2) * math.log(q0), rel=1e-12)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(grad).all()
+
+
+def test_half_precision_teacher_probs_are_accepted() -> None:
+    student, teacher_probs, labels = _random_case(batch=3, classes=4, seed=3, temperature=4.0)
+    loss = HintonKDLoss()(student.float(), teacher_probs.half(), labels)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "argument"),
+    [
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": 1.5}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"temperature": -2.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+    ],
+)
+@pytest.mark.parametrize("loss_class", [HintonKDLoss, TopKKDLoss, MultiTaskKDLoss])
+def test_invalid_alpha_or_temperature_raises(
+    loss_class: type, kwargs: dict[str, float], argument: str
+) -> None:
+    with pytest.raises(ValueError, match=argument) as info:
+        loss_class(**kwargs)
+    assert repr(kwargs[argument]) in str(info.value)
+
+
+def test_mismatched_shapes_raise() -> None:
+    loss = HintonKDLoss()
+    student = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(2, 3\)"):
+        loss(student, torch.full((2, 4), 0.25))
+    with pytest.raises(ValueError, match="labels"):
+        loss(student, torch.full((2, 3), 1 / 3), torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="int64"):
+        loss(student, torch.full((2, 3), 1 / 3), torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="student_logits"):
+        loss(torch.zeros(3), torch.full((3,), 1 / 3))
+
+
+# --- TopKKDLoss -----------------------------------------------------------------------------------
+
+
+def test_topk_with_all_classes_equals_hinton() -> None:
+    temperature = 3.0
+    student, teacher_probs, labels = _random_case(
+        batch=5, classes=6, seed=4, temperature=temperature
+    )
+    values, indices = torch.topk(teacher_probs, k=6, dim=1)  # sorted, so indices are permuted
+    tail = torch.zeros(5, dtype=torch.float64)
+
+    dense = HintonKDLoss(alpha=0.4, temperature=temperature)(student, teacher_probs, labels)
+    sparse = TopKKDLoss(alpha=0.4, temperature=temperature)(student, values, indices, tail, labels)
+    torch.testing.assert_close(sparse, dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_topk_matches_brute_force_k_plus_one_buckets(k: int) -> None:
+    temperature, alpha, batch, classes = 2.0, 0.7, 4, 8
+    student, teacher_probs, labels = _random_case(
+        batch, classes, seed=5 + k, temperature=temperature
+    )
+    values, indices = torch.topk(teacher_probs, k=k, dim=1)
+    tail = 1.0 - values.sum(dim=1)
+
+    s = student.numpy()
+    p = teacher_probs.numpy()
+    q = _np_softmax(s / temperature)
+    kls = []
+    for row in range(batch):
+        top = indices[row].numpy()
+        p_buckets = np.append(p[row, top], 1.0 - p[row, top].sum())
+        q_buckets = np.append(q[row, top], 1.0 - q[row, top].sum())
+        kls.append(np.sum(p_buckets * np.log(p_buckets / q_buckets)))
+    ce = np.mean(-np.log(_np_softmax(s)[np.arange(batch), labels.numpy()]))
+    expected = alpha * temperature**2 * np.mean(kls) + (1 - alpha) * ce
+
+    student.requires_grad_(True)
+    loss = TopKKDLoss(alpha=alpha, temperature=temperature)(student, values, indices, tail, labels)
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(grad).all()
+
+
+def test_topk_gradients_finite_when_tail_is_empty() -> None:
+    student = torch.tensor([[30.0, -40.0, 2.0]], requires_grad=True)
+    teacher_probs = torch.tensor([[0.7, 0.0, 0.3]])
+    values, indices = torch.topk(teacher_probs, k=3, dim=1)
+    loss = TopKKDLoss(alpha=1.0, temperature=1.0)(student, values, indices, torch.zeros(1))
+    (grad,) = torch.autograd.grad(loss, student)
+    assert torch.isfinite(loss)
+    assert torch.isfinite(grad).all()
+
+
+def test_topk_mismatched_shapes_raise() -> None:
+    loss = TopKKDLoss()
+    student = torch.zeros(2, 5)
+    values = torch.full((2, 3), 0.2)
+    indices = torch.tensor([[0, 1, 2], [2, 3, 4]])
+    tail = torch.full((2,), 0.4)
+    with pytest.raises(ValueError, match="teacher_indices"):
+        loss(student, values, indices[:, :2], tail)
+    with pytest.raises(ValueError, match=r"1 <= k <= 5"):
+        loss(student, torch.full((2, 6), 0.1), torch.zeros(2, 6, dtype=torch.int64), tail)
+    with pytest.raises(ValueError, match="tail_mass"):
+        loss(student, values, indices, torch.full((3,), 0.4))
+    with pytest.raises(ValueError, match="int64"):
+        loss(student, values, indices.int(), tail)
+
+
+# --- MultiTaskKDLoss ------------------------------------------------------------------------------
+
+
+def test_multitask_is_weighted_sum_of_per_task_losses() -> None:
+    temperature, alpha = 4.0, 0.6
+    s_a, p_a, y_a = _random_case(batch=3, classes=4, seed=10, temperature=temperature)
+    s_b, p_b, y_b = _random_case(batch=3, classes=7, seed=11, temperature=temperature)
+    loss = MultiTaskKDLoss(task_weights={"a": 0.25}, alpha=alpha, temperature=temperature)
+    total = loss({"a": s_a, "b": s_b}, {"a": p_a, "b": p_b, "unused": p_b}, {"a": y_a, "b": y_b})
+
+    single = HintonKDLoss(alpha=alpha, temperature=temperature)
+    loss_a = single(s_a, p_a, y_a)
+    loss_b = single(s_b, p_b, y_b)
+    torch.testing.assert_close(total, 0.25 * loss_a + 1.0 * loss_b, rtol=1e-12, atol=0)
+    assert set(loss.last_task_losses) == {"a", "b"}
+    assert loss.last_task_losses["a"] == pytest.approx(loss_a.item(), rel=1e-12)
+    assert loss.last_task_losses["b"] == pytest.approx(loss_b.item(), rel=1e-12)
+    assert all(type(value) is float for value in loss.last_task_losses.values())
+
+
+def test_multitask_missing_labels_means_pure_kd_for_that_task() -> None:
+    s_a, p_a, y_a = _random_case(batch=2, classes=3, seed=12, temperature=2.0)
+    s_b, p_b, _ = _random_case(batch=2, classes=3, seed=13, temperature=2.0)
+    total = MultiTaskKDLoss(alpha=0.5, temperature=2.0)(
+        {"a": s_a, "b": s_b}, {"a": p_a, "b": p_b}, {"a": y_a}
+    )
+    single = HintonKDLoss(alpha=0.5, temperature=2.0)
+    torch.testing.assert_close(total, single(s_a, p_a, y_a) + single(s_b, p_b, None))
+
+
+def test_multitask_missing_teacher_task_raises_key_error() -> None:
+    s_a, p_a, _ = _random_case(batch=2, classes=3, seed=14, temperature=4.0)
+    with pytest.raises(KeyError, match="'digit'"):
+        MultiTaskKDLoss()({"a": s_a, "digit": s_a}, {"a": p_a})
+
+
+def test_multitask_invalid_weight_raises() -> None:
+    with pytest.raises(ValueError, match=r"task_weights\['a'\].*-1"):
+        MultiTaskKDLoss(task_weights={"a": -1.0})
+
+
+# --- properties -----------------------------------------------------------------------------------
+
+
+@st.composite
+def _logit_pairs(draw: st.DrawFn) -> tuple[torch.Tensor, torch.Tensor, float]:
+    batch = draw(st.integers(1, 4))
+    classes = draw(st.integers(2, 6))
+    logit = st.floats(-30.0, 30.0, allow_nan=False, allow_infinity=False)
+    student = draw(st.lists(logit, min_size=batch * classes, max_size=batch * classes))
+    teacher = draw(st.lists(logit, min_size=batch * classes, max_size=batch * classes))
+    temperature = draw(st.floats(0.5, 10.0))
+    return (
+        torch.tensor(student, dtype=torch.float64).reshape(batch, classes),
+        torch.tensor(teacher, dtype=torch.float64).reshape(batch, classes),
+        temperature,
+    )
+
+
+@settings(max_examples=50, deadline=None)
+@given(_logit_pairs())
+def test_kd_term_nonnegative_and_topk_full_equals_hinton(
+    case: tuple[torch.Tensor, torch.Tensor, float],
+) -> None:
+    student, teacher_logits, temperature = case
+    teacher_probs = torch.softmax(teacher_logits / temperature, dim=1)
+    dense = HintonKDLoss(alpha=1.0, temperature=temperature)(student, teacher_probs)
+    assert dense.item() >= -1e-9
+
+    values, indices = torch.topk(teacher_probs, k=teacher_probs.shape[1], dim=1)
+    tail = torch.zeros(teacher_probs.shape[0], dtype=torch.float64)
+    sparse = TopKKDLoss(alpha=1.0, temperature=temperature)(student, values, indices, tail)
+    torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-9)
