@@ -34,9 +34,9 @@ class DemoSettings:
 
     epochs: int = 20
     seeds: tuple[int, ...] = (0,)
-    hidden: tuple[int, ...] = (32,)
+    hidden: tuple[int, ...] = (512,)
     temperature: float = 4.0
-    alpha: float = 0.5
+    alpha: float = 0.9
     batch_size: int = 64
     lr: float = 1e-3
     n_train: int | None = None  # None: the full 4,000-image training split

@@ -8,15 +8,24 @@ batch is sent as that batch's `error` and the stream goes on.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import grpc
 
-from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, TeacherError
+from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Internal, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server import wire
 from teacher_server.core import TeacherCore
+
+log = logging.getLogger(__name__)
+
+
+def _stream_error(batch_id: str, error: TeacherError) -> pb.StreamSoftTargetsResponse:
+    return pb.StreamSoftTargetsResponse(
+        batch_id=batch_id, error=pb.Error(code=error.code, message=error.message, field=error.field)
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None:
@@ -77,12 +86,10 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
                     batch_id=request.batch_id, soft_targets=await self._answer(request)
                 )
             except TeacherError as error:
-                message = pb.StreamSoftTargetsResponse(
-                    batch_id=request.batch_id,
-                    error=pb.Error(code=error.code, message=error.message, field=error.field),
-                )
-            finally:
-                in_flight.release()
+                message = _stream_error(request.batch_id, error)
+            except Exception as error:  # one batch's bug must not end the other batches' stream
+                log.exception("batch %r failed", request.batch_id)
+                message = _stream_error(request.batch_id, Internal(f"batch failed: {error!r}"))
             await responses.put(message)
 
         async def read_requests() -> None:
@@ -101,6 +108,7 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         try:
             while (message := await responses.get()) is not None:
                 yield message
+                in_flight.release()  # counted until sent, so unread answers cannot pile up
             await reader  # surfaces a reader failure
         finally:
             reader.cancel()

@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import codec
 from protocol.errors import InvalidArgument, TeacherError
@@ -96,6 +97,17 @@ def create_app(core: TeacherCore) -> FastAPI:
     @app.exception_handler(TeacherError)
     async def teacher_error(request: Request, error: TeacherError) -> JSONResponse:
         return _error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes and methods get the same error body as everything else."""
+        code = {404: "NOT_FOUND", 405: "INVALID_ARGUMENT"}.get(error.status_code, "INTERNAL")
+        body = {
+            "code": code,
+            "message": f"{request.method} {request.url.path}: {error.detail}",
+            "field": "path",
+        }
+        return JSONResponse({"error": body}, status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:

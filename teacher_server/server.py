@@ -67,6 +67,8 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         TeacherServicer(core, max_elements, settings.stream_max_in_flight), grpc_server
     )
     health = HealthServicer()
+    for service in ("", "distill.v1.TeacherService"):  # SERVING only once both doors answer
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
         (pb.DESCRIPTOR.services_by_name["TeacherService"].full_name, reflection.SERVICE_NAME),

@@ -70,6 +70,8 @@ def validate(request: SoftTargetsRequest, info: ModelInfo) -> ValidatedRequest:
             f"tasks), got {request.top_k}",
             "top_k",
         )
+    if len(set(request.hints)) != len(request.hints):
+        raise InvalidArgument(f"hints: listed twice in {list(request.hints)}", "hints")
     unknown_hints = [hint for hint in request.hints if hint not in info.hints]
     if unknown_hints:
         raise InvalidArgument(
