@@ -72,6 +72,7 @@ class TeacherCore:
     loop, `await stop()` at shutdown."""
 
     def __init__(self, models: list[LoadedModel], settings: Settings) -> None:
+        settings.apply_torch_settings()
         self.settings = settings
         self.models: dict[str, ServedModel] = {}
         for loaded in models:

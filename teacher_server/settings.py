@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     device: str = Field(
         "auto", description="torch device: auto (cuda when available), cpu, cuda:0..."
     )
+    allow_tf32: bool = Field(
+        False,
+        description="let CUDA use TF32 matmuls/convolutions (faster; soft targets then differ from "
+        "float32 by up to ~1e-3)",
+    )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
     )
@@ -55,6 +60,11 @@ class Settings(BaseSettings):
         None, description="once serving, write {grpc_port, http_port, pid} as JSON to this file"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    def apply_torch_settings(self) -> None:
+        """Process-wide torch switches this teacher needs; called once when the server starts."""
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
