@@ -71,6 +71,15 @@ class ResourceExhausted(TeacherError):
     retryable = True
 
 
+class MessageTooLarge(ResourceExhausted):
+    """A message above the server's size limit. Same code and gRPC status as `ResourceExhausted`
+    (what gRPC itself reports for oversized messages), HTTP 413; retrying the same message cannot
+    help. Clients see it as `ResourceExhausted` with field `body`."""
+
+    http_status = 413
+    retryable = False
+
+
 class Unavailable(TeacherError):
     """The server (or the model) cannot answer now: starting, shutting down, unreachable."""
 

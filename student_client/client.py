@@ -62,24 +62,24 @@ def as_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
 
 class TeacherClient:
     """A connection to one teacher. Thread-safe for unary calls; each `open_stream()` is for one
-    thread. `address` is `host:port` for gRPC, or `http://host:port` (or `host:port` with
-    `transport="http"`) for HTTP."""
+    thread. `address` is `host:port` for gRPC, or `http://host:port` (or `host:port`) for HTTP:
+    `transport="http"` sends protobuf bodies, `"http-json"` JSON."""
 
     def __init__(
         self,
         address: str,
-        transport: Literal["grpc", "http"] = "grpc",
+        transport: Literal["grpc", "http", "http-json"] = "grpc",
         timeout: float = 60.0,
     ) -> None:
         if transport == "grpc":
             self._transport: Transport = GrpcTransport(address, timeout)
-        elif transport == "http":
+        elif transport in ("http", "http-json"):
             base_url = (
                 address if address.startswith(("http://", "https://")) else f"http://{address}"
             )
-            self._transport = HttpTransport(base_url, timeout)
+            self._transport = HttpTransport(base_url, timeout, binary=transport == "http")
         else:
-            raise ValueError(f"transport must be 'grpc' or 'http', got {transport!r}")
+            raise ValueError(f"transport must be 'grpc', 'http' or 'http-json', got {transport!r}")
         self.address = address
         self._default_model: str | None = None
 

@@ -13,7 +13,6 @@ from typing import TypeVar
 import grpc
 import numpy as np
 
-from protocol import codec
 from protocol.errors import (
     GRPC_CODE_KEY,
     GRPC_FIELD_KEY,
@@ -23,22 +22,10 @@ from protocol.errors import (
 )
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.types import (
-    ModelInfo,
-    ModelSummary,
-    SoftTargets,
-    TargetOptions,
-    TaskInfo,
-    TaskTargets,
-)
+from student_client.messages import model_info_from_pb, request_to_pb, soft_targets_from_pb
+from student_client.types import ModelInfo, ModelSummary, SoftTargets, TargetOptions
 
-_KINDS = {pb.PROBS: "probs", pb.LOG_PROBS: "log_probs", pb.LOGITS: "logits"}
-_KINDS_TO_PB = {name: value for value, name in _KINDS.items()}
 T = TypeVar("T")
-
-
-def _decode_array(tensor: pb.Tensor, field: str) -> np.ndarray:
-    return codec.decode(tensor, field, max_elements=1 << 34)
 
 
 def error_from_rpc(error: grpc.RpcError, address: str) -> TeacherError:
@@ -49,75 +36,6 @@ def error_from_rpc(error: grpc.RpcError, address: str) -> TeacherError:
     if code:
         return error_from_code(str(code), details, str(metadata.get(GRPC_FIELD_KEY, "")))
     return error_from_grpc_status(error.code(), f"teacher at {address}: {details}")  # type: ignore[attr-defined]
-
-
-def request_to_pb(
-    inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
-) -> pb.SoftTargetsRequest:
-    if options.output not in _KINDS_TO_PB:
-        raise ValueError(f"output must be one of {list(_KINDS_TO_PB)}, got {options.output!r}")
-    return pb.SoftTargetsRequest(
-        model=model,
-        model_version=options.model_version,
-        tasks=list(options.tasks),
-        temperature=options.temperature,
-        output=_KINDS_TO_PB[options.output],
-        inputs=codec.encode(inputs),
-        batch_id=batch_id,
-        top_k=options.top_k,
-        output_dtype=codec.parse_dtype_name(options.output_dtype, "output_dtype"),
-        hints=list(options.hints),
-    )
-
-
-def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
-    outputs = {}
-    for output in message.outputs:
-        field = f"outputs[{output.task}]"
-        outputs[output.task] = TaskTargets(
-            task=output.task,
-            kind=_KINDS.get(output.kind, "probs"),
-            values=_decode_array(output.values, field + ".values"),
-            indices=_decode_array(output.indices, field + ".indices")
-            if output.HasField("indices")
-            else None,
-            tail_mass=_decode_array(output.tail_mass, field + ".tail_mass")
-            if output.HasField("tail_mass")
-            else None,
-        )
-    return SoftTargets(
-        model=message.model,
-        model_version=message.model_version,
-        batch_id=message.batch_id,
-        temperature=message.temperature,
-        outputs=outputs,
-        hints={
-            hint.name: _decode_array(hint.tensor, f"hints[{hint.name}]") for hint in message.hints
-        },
-    )
-
-
-def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
-    return ModelInfo(
-        name=message.name,
-        model_version=message.model_version,
-        tasks=tuple(
-            TaskInfo(
-                t.name,
-                tuple(t.class_names),
-                t.test_accuracy if t.HasField("test_accuracy") else None,
-            )
-            for t in message.tasks
-        ),
-        input_shape=tuple(message.input_shape),
-        input_dtype=codec.dtype_name(message.input_dtype),
-        accepted_input_dtypes=tuple(codec.dtype_name(d) for d in message.accepted_input_dtypes),
-        uint8_scale=message.uint8_scale,
-        hints={h.name: tuple(h.shape) for h in message.hints},
-        max_batch_size=message.max_batch_size,
-        description=message.description,
-        parameter_count=message.parameter_count,
-    )
 
 
 class GrpcStream:

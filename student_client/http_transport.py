@@ -1,4 +1,7 @@
-"""HTTP (JSON) transport of the student client, for networks where gRPC cannot pass.
+"""HTTP transport of the student client, for networks where gRPC cannot pass.
+
+Soft targets travel as `application/x-protobuf` (the same `distill.v1` messages as gRPC) unless
+`binary=False`, which sends and receives JSON.
 
 A "stream" here is a small pool of threads sending unary requests, so a loader can keep several
 batches in flight the same way it does over gRPC.
@@ -14,6 +17,8 @@ import httpx
 import numpy as np
 
 from protocol.errors import TeacherError, Unavailable, error_from_code
+from protocol.v1 import teacher_pb2 as pb
+from student_client.messages import request_to_pb, soft_targets_from_pb
 from student_client.types import (
     ModelInfo,
     ModelSummary,
@@ -49,28 +54,41 @@ def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
     )
 
 
+PROTOBUF = "application/x-protobuf"
+
+
 class HttpTransport:
-    def __init__(self, base_url: str, timeout: float) -> None:
+    def __init__(self, base_url: str, timeout: float, binary: bool = True) -> None:
         self.address = base_url
+        self.binary = binary
         self._client = httpx.Client(base_url=base_url, timeout=timeout)
 
-    def _request(self, method: str, path: str, json: dict[str, Any] | None = None) -> Any:
+    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
-            response = self._client.request(method, path, json=json)
+            response = self._client.request(method, path, **kwargs)
         except httpx.TransportError as error:
             raise Unavailable(
                 f"teacher at {self.address}: {type(error).__name__}: {error}"
             ) from None
         if response.status_code >= 400:
-            try:
-                detail = response.json()["error"]
-                raise error_from_code(detail["code"], detail["message"], detail.get("field", ""))
-            except (ValueError, KeyError, TypeError):
-                raise error_from_code(
-                    "INTERNAL",
-                    f"teacher at {self.address}: HTTP {response.status_code}: {response.text[:200]}",
-                ) from None
-        return response.json()
+            raise self._error(response)
+        return response
+
+    def _error(self, response: httpx.Response) -> TeacherError:
+        try:
+            if response.headers.get("content-type", "").startswith(PROTOBUF):
+                error = pb.Error.FromString(response.content)
+                return error_from_code(error.code, error.message, error.field)
+            detail = response.json()["error"]
+            return error_from_code(detail["code"], detail["message"], detail.get("field", ""))
+        except (ValueError, KeyError, TypeError):
+            return error_from_code(
+                "INTERNAL",
+                f"teacher at {self.address}: HTTP {response.status_code}: {response.text[:200]}",
+            )
+
+    def _request(self, method: str, path: str, json: dict[str, Any] | None = None) -> Any:
+        return self._send(method, path, json=json).json()
 
     def list_models(self) -> list[ModelSummary]:
         body = self._request("GET", "/v1/models")
@@ -98,6 +116,11 @@ class HttpTransport:
     def soft_targets(
         self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
     ) -> SoftTargets:
+        path = f"/v1/models/{model}/soft-targets"
+        if self.binary:
+            message = request_to_pb(inputs, options, model, batch_id).SerializeToString()
+            response = self._send("POST", path, content=message, headers={"content-type": PROTOBUF})
+            return soft_targets_from_pb(pb.SoftTargetsResponse.FromString(response.content))
         body = {
             "inputs": inputs.tolist(),
             "dtype": inputs.dtype.name,
@@ -110,9 +133,7 @@ class HttpTransport:
             "output_dtype": options.output_dtype,
             "hints": list(options.hints),
         }
-        return soft_targets_from_json(
-            self._request("POST", f"/v1/models/{model}/soft-targets", body)
-        )
+        return soft_targets_from_json(self._request("POST", path, body))
 
     def open_stream(self) -> HttpStream:
         return HttpStream(self)

@@ -1,7 +1,10 @@
 """The HTTP front door: a FastAPI app over the same core as gRPC (OpenAPI docs at `/docs`).
 
-Routes decode JSON into the core's request, call the core, encode. Errors use one body shape,
-`{"error": {"code", "message", "field"}}`, with the HTTP code from `protocol.errors`.
+Routes decode the body into the core's request, call the core, encode. `POST
+/v1/models/{model}/soft-targets` speaks JSON or, with `Content-Type: application/x-protobuf`, the
+same `distill.v1` messages as gRPC (binary tensors, no JSON number parsing). Errors use one body
+shape, `{"error": {"code", "message", "field"}}` (a `distill.v1.Error` message for protobuf
+requests), with the HTTP code from `protocol.errors`.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.responses import JSONResponse, Response
+from google.protobuf.message import DecodeError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import codec
-from protocol.errors import InvalidArgument, TeacherError
+from protocol.errors import InvalidArgument, MessageTooLarge, TeacherError
+from protocol.v1 import teacher_pb2 as pb
+from teacher_server import wire
 from teacher_server.core import TeacherCore
 from teacher_server.schema import SoftTargets, SoftTargetsRequest
 
@@ -83,11 +89,99 @@ def soft_targets_json(result: SoftTargets) -> dict[str, Any]:
     }
 
 
-def _error_response(error: TeacherError) -> JSONResponse:
+PROTOBUF = "application/x-protobuf"
+_PROTOBUF_TYPES = (PROTOBUF, "application/protobuf", "application/vnd.google.protobuf")
+
+
+def _is_protobuf(request: Request) -> bool:
+    return request.headers.get("content-type", "").split(";")[0].strip() in _PROTOBUF_TYPES
+
+
+def _error_response(error: TeacherError, protobuf: bool = False) -> Response:
+    if protobuf:
+        message = pb.Error(code=error.code, message=error.message, field=error.field)
+        return Response(message.SerializeToString(), error.http_status, media_type=PROTOBUF)
     return JSONResponse({"error": error.to_dict()}, status_code=error.http_status)
 
 
-def create_app(core: TeacherCore) -> FastAPI:
+def _validation_error(errors: list[Any]) -> InvalidArgument:
+    """The first pydantic error as an `InvalidArgument` naming the field."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    if first.get("type") == "json_invalid":
+        field = "body"
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    if "input" in first and first.get("type") != "json_invalid":
+        message += f", got {str(first['input'])[:80]!r}"
+    return InvalidArgument(message, field)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise MessageTooLarge(f"body: {declared} bytes is above the limit of {limit}", "body")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise MessageTooLarge(f"body: more than the limit of {limit} bytes", "body")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
+    try:
+        body = SoftTargetsBody.model_validate_json(raw)
+    except ValidationError as error:
+        raise _validation_error(error.errors()) from None
+    return SoftTargetsRequest(
+        model=model,
+        inputs=_inputs_array(body),
+        tasks=tuple(body.tasks),
+        temperature=body.temperature,
+        output=body.output,
+        batch_id=body.batch_id,
+        model_version=body.model_version,
+        top_k=body.top_k,
+        output_dtype=body.output_dtype,
+        hints=tuple(body.hints),
+    )
+
+
+def _request_from_protobuf(model: str, raw: bytes, max_elements: int) -> SoftTargetsRequest:
+    try:
+        message = pb.SoftTargetsRequest.FromString(raw)
+    except DecodeError as error:
+        raise InvalidArgument(
+            f"body: not a distill.v1.SoftTargetsRequest ({error})", "body"
+        ) from None
+    if message.model and message.model != model:
+        raise InvalidArgument(
+            f"model: the body names {message.model!r} but the path names {model!r}", "model"
+        )
+    message.model = model
+    return wire.request_from_pb(message, max_elements)
+
+
+_SOFT_TARGETS_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": SoftTargetsBody.model_json_schema()},
+            PROTOBUF: {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "a serialized distill.v1.SoftTargetsRequest; the answer is a "
+                "serialized distill.v1.SoftTargetsResponse",
+            },
+        },
+    }
+}
+
+
+def create_app(core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024) -> FastAPI:
+    """The app over `core`; request bodies above `max_message_bytes` get RESOURCE_EXHAUSTED."""
     app = FastAPI(
         title="Distillation teacher",
         summary="Soft targets of a multi-task teacher, per task, at a chosen temperature.",
@@ -95,8 +189,8 @@ def create_app(core: TeacherCore) -> FastAPI:
     )
 
     @app.exception_handler(TeacherError)
-    async def teacher_error(request: Request, error: TeacherError) -> JSONResponse:
-        return _error_response(error)
+    async def teacher_error(request: Request, error: TeacherError) -> Response:
+        return _error_response(error, _is_protobuf(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -110,16 +204,8 @@ def create_app(core: TeacherCore) -> FastAPI:
         return JSONResponse({"error": body}, status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0]
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        field = ".".join(location) or "body"
-        if first.get("type") == "json_invalid":
-            field = "body"
-        message = f"{field}: {first.get('msg', 'invalid')}"
-        if "input" in first and first.get("type") != "json_invalid":
-            message += f", got {str(first['input'])[:80]!r}"
-        return _error_response(InvalidArgument(message, field))
+    async def invalid_body(request: Request, error: RequestValidationError) -> Response:
+        return _error_response(_validation_error(list(error.errors())))
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:
@@ -146,20 +232,26 @@ def create_app(core: TeacherCore) -> FastAPI:
         """Tasks (class names, held-out accuracy), input shape and dtypes, version, hints."""
         return asdict(core.model_info(model))
 
-    @app.post("/v1/models/{model}/soft-targets", tags=["soft targets"])
-    async def soft_targets(model: str, body: SoftTargetsBody) -> dict[str, Any]:
-        request = SoftTargetsRequest(
-            model=model,
-            inputs=_inputs_array(body),
-            tasks=tuple(body.tasks),
-            temperature=body.temperature,
-            output=body.output,
-            batch_id=body.batch_id,
-            model_version=body.model_version,
-            top_k=body.top_k,
-            output_dtype=body.output_dtype,
-            hints=tuple(body.hints),
-        )
-        return soft_targets_json(await core.soft_targets(request))
+    @app.post(
+        "/v1/models/{model}/soft-targets",
+        tags=["soft targets"],
+        openapi_extra=_SOFT_TARGETS_OPENAPI,
+        response_model=None,
+    )
+    async def soft_targets(model: str, request: Request) -> Response:
+        """Soft targets for one batch: JSON (`SoftTargetsBody`) or `application/x-protobuf`."""
+        raw = await _read_body(request, max_message_bytes)
+        if _is_protobuf(request):
+            query = _request_from_protobuf(model, raw, max_message_bytes)
+            result = await core.soft_targets(query)
+            return Response(wire.response_to_pb(result).SerializeToString(), media_type=PROTOBUF)
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        if content_type not in ("", "application/json"):
+            raise InvalidArgument(
+                f"content-type: {content_type!r} is not application/json or {PROTOBUF}",
+                "content-type",
+            )
+        result = await core.soft_targets(_request_from_json(model, raw))
+        return JSONResponse(soft_targets_json(result))
 
     return app

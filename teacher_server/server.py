@@ -84,7 +84,7 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     http_port = http_socket.getsockname()[1]
     http_server = _Uvicorn(
         uvicorn.Config(
-            create_app(core),
+            create_app(core, settings.max_message_bytes),
             log_level=settings.log_level,
             h11_max_incomplete_event_size=settings.max_message_bytes,
             timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),

@@ -18,7 +18,7 @@ def _batches(images: np.ndarray, sizes: list[int]) -> list[tuple[np.ndarray, np.
 
 
 @pytest.mark.parametrize(
-    ("transport", "depth"), [("grpc", 1), ("grpc", 4), ("grpc", 32), ("http", 4)]
+    ("transport", "depth"), [("grpc", 1), ("grpc", 4), ("grpc", 32), ("http", 4), ("http-json", 4)]
 )
 def test_every_batch_once_in_order(teacher, mnist_test_images, transport: str, depth: int) -> None:  # type: ignore[no-untyped-def]
     images = mnist_test_images[0]
