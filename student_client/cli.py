@@ -45,6 +45,11 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     demo.add_argument(
         "--out", type=Path, default=defaults.out, help="folder for the plot and results"
     )
+    demo.add_argument(
+        "--teacher",
+        default=None,
+        help="gRPC address (host:port) of a running teacher; default: start one locally",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -65,6 +70,7 @@ def main(argv: list[str] | None = None) -> None:
                 n_train=args.n_train,
                 depth=args.depth,
                 repository=args.repository,
+                teacher=args.teacher,
                 out=args.out,
                 progress=not args.no_progress,
             )

@@ -14,6 +14,7 @@ whatever the transport; a teacher that cannot be reached raises `Unavailable` na
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Sequence
 from typing import Literal, Protocol
@@ -21,7 +22,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from protocol.errors import TeacherError
+from protocol.errors import TeacherError, Unavailable
 from student_client.grpc_transport import GrpcTransport
 from student_client.http_transport import HttpTransport
 from student_client.types import ModelInfo, ModelSummary, SoftTargets, TargetOptions
@@ -105,6 +106,18 @@ class TeacherClient:
                 raise LookupError(f"teacher at {self.address} serves no model")
             self._default_model = models[0].name
         return self._default_model
+
+    def wait_ready(self, timeout: float, model: str | None = None) -> ModelInfo:
+        """Poll the teacher until it answers with `model`'s info (e.g. while its container starts);
+        raises the last `Unavailable` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.model_info(model)
+            except (Unavailable, LookupError):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
 
     def model_info(self, model: str | None = None) -> ModelInfo:
         return self._transport.model_info(self.resolve_model(model))

