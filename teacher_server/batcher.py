@@ -19,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from protocol.errors import Internal, ResourceExhausted, Unavailable
+from protocol.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from teacher_server.engine import Engine
 from teacher_server.schema import SoftTargets, ValidatedRequest
 
@@ -74,9 +74,10 @@ class DynamicBatcher:
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._carry else 0)
 
-    async def submit(self, request: ValidatedRequest) -> SoftTargets:
-        """Queue a request and wait for its soft targets. Raises `ResourceExhausted` at once when
-        the queue is full."""
+    async def submit(self, request: ValidatedRequest, timeout: float) -> SoftTargets:
+        """Queue a request and wait up to `timeout` seconds for its soft targets. Raises
+        `ResourceExhausted` at once when the queue is full, `DeadlineExceeded` after `timeout`
+        (the request is then dropped from the queue, or its result discarded if already running)."""
         if self._task is None or self._task.done():
             raise Unavailable("the batcher is not running")
         future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
@@ -88,7 +89,13 @@ class DynamicBatcher:
                 f"{self.engine.config.name!r}; retry with backoff",
                 "queue",
             ) from None
-        return await future
+        try:
+            return await asyncio.wait_for(future, timeout)  # cancels `future` on timeout
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"deadline: no answer within {timeout:.3g}s (queue depth {self.queue_depth})",
+                "deadline",
+            ) from None
 
     async def _next_batch(self) -> list[_Pending]:
         first = self._carry or await self._queue.get()

@@ -133,9 +133,14 @@ class TeacherCore:
                 f"model: no model named {name!r}; serving {sorted(self.models)}", "model"
             ) from None
 
-    async def soft_targets(self, request: SoftTargetsRequest) -> SoftTargets:
-        """Validate, batch with other requests, forward, and return this request's soft targets."""
+    async def soft_targets(
+        self, request: SoftTargetsRequest, timeout: float | None = None
+    ) -> SoftTargets:
+        """Validate, batch with other requests, forward, and return this request's soft targets.
+        `timeout` (seconds, e.g. the client's gRPC deadline) is capped by `request_timeout_s`."""
         if not self.ready:
             raise Unavailable("server is not ready (starting or shutting down)")
         served = self._served(request.model)
-        return await served.batcher.submit(validate(request, served.info))
+        limit = self.settings.request_timeout_s
+        timeout = limit if timeout is None else max(0.0, min(timeout, limit))
+        return await served.batcher.submit(validate(request, served.info), timeout)

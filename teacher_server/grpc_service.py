@@ -58,15 +58,17 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
             await _abort(context, error)
             raise  # unreachable: abort raises
 
-    async def _answer(self, request: pb.SoftTargetsRequest) -> pb.SoftTargetsResponse:
-        result = await self._core.soft_targets(wire.request_from_pb(request, self._max_elements))
-        return wire.response_to_pb(result)
+    async def _answer(
+        self, request: pb.SoftTargetsRequest, timeout: float | None = None
+    ) -> pb.SoftTargetsResponse:
+        query = wire.request_from_pb(request, self._max_elements)
+        return wire.response_to_pb(await self._core.soft_targets(query, timeout))
 
     async def GetSoftTargets(
         self, request: pb.SoftTargetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SoftTargetsResponse:
         try:
-            return await self._answer(request)
+            return await self._answer(request, context.time_remaining())
         except TeacherError as error:
             await _abort(context, error)
             raise

@@ -26,6 +26,7 @@ from protocol.v1 import teacher_pb2 as pb
 from teacher_server import wire
 from teacher_server.core import TeacherCore
 from teacher_server.schema import SoftTargets, SoftTargetsRequest
+from teacher_server.security import HttpTokenMiddleware
 
 
 class SoftTargetsBody(BaseModel):
@@ -97,11 +98,18 @@ def _is_protobuf(request: Request) -> bool:
     return request.headers.get("content-type", "").split(";")[0].strip() in _PROTOBUF_TYPES
 
 
+RETRY_AFTER_S = 1
+
+
 def _error_response(error: TeacherError, protobuf: bool = False) -> Response:
+    # Overload is temporary: tell well-behaved clients when to come back.
+    headers = {"retry-after": str(RETRY_AFTER_S)} if error.http_status in (429, 503) else None
     if protobuf:
         message = pb.Error(code=error.code, message=error.message, field=error.field)
-        return Response(message.SerializeToString(), error.http_status, media_type=PROTOBUF)
-    return JSONResponse({"error": error.to_dict()}, status_code=error.http_status)
+        return Response(
+            message.SerializeToString(), error.http_status, headers=headers, media_type=PROTOBUF
+        )
+    return JSONResponse({"error": error.to_dict()}, status_code=error.http_status, headers=headers)
 
 
 def _validation_error(errors: list[Any]) -> InvalidArgument:
@@ -129,6 +137,25 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise MessageTooLarge(f"body: more than the limit of {limit} bytes", "body")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+TIMEOUT_HEADER = "x-request-timeout"
+
+
+def _timeout(request: Request) -> float | None:
+    """The client's deadline in seconds from the `X-Request-Timeout` header, if any."""
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (value > 0 and value != float("inf")):
+        raise InvalidArgument(
+            f"{TIMEOUT_HEADER}: expected seconds > 0, got {raw!r}", TIMEOUT_HEADER
+        )
+    return value
 
 
 def _request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
@@ -180,13 +207,18 @@ _SOFT_TARGETS_OPENAPI = {
 }
 
 
-def create_app(core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024) -> FastAPI:
-    """The app over `core`; request bodies above `max_message_bytes` get RESOURCE_EXHAUSTED."""
+def create_app(
+    core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024, token: str | None = None
+) -> FastAPI:
+    """The app over `core`. Request bodies above `max_message_bytes` get 413; with `token`, every
+    route but health, metrics and docs needs `authorization: Bearer <token>`."""
     app = FastAPI(
         title="Distillation teacher",
         summary="Soft targets of a multi-task teacher, per task, at a chosen temperature.",
         version="1",
     )
+    if token:
+        app.add_middleware(HttpTokenMiddleware, token=token)
 
     @app.exception_handler(TeacherError)
     async def teacher_error(request: Request, error: TeacherError) -> Response:
@@ -243,7 +275,7 @@ def create_app(core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024) -> 
         raw = await _read_body(request, max_message_bytes)
         if _is_protobuf(request):
             query = _request_from_protobuf(model, raw, max_message_bytes)
-            result = await core.soft_targets(query)
+            result = await core.soft_targets(query, _timeout(request))
             return Response(wire.response_to_pb(result).SerializeToString(), media_type=PROTOBUF)
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         if content_type not in ("", "application/json"):
@@ -251,7 +283,7 @@ def create_app(core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024) -> 
                 f"content-type: {content_type!r} is not application/json or {PROTOBUF}",
                 "content-type",
             )
-        result = await core.soft_targets(_request_from_json(model, raw))
+        result = await core.soft_targets(_request_from_json(model, raw), _timeout(request))
         return JSONResponse(soft_targets_json(result))
 
     return app

@@ -30,10 +30,10 @@ from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.core import TeacherCore
 from teacher_server.grpc_service import TeacherServicer
 from teacher_server.http_app import create_app
+from teacher_server.security import GrpcTokenInterceptor, grpc_server_credentials
 from teacher_server.settings import Settings
 
 log = logging.getLogger(__name__)
-SHUTDOWN_GRACE_S = 10.0
 
 
 class _Uvicorn(uvicorn.Server):
@@ -61,7 +61,9 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    grpc_server = grpc.aio.server(options=options)
+    token = settings.token()
+    interceptors = [GrpcTokenInterceptor(token)] if token else []
+    grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
     max_elements = settings.max_message_bytes  # no tensor of N elements fits in fewer than N bytes
     pb_grpc.add_TeacherServiceServicer_to_server(
         TeacherServicer(core, max_elements, settings.stream_max_in_flight), grpc_server
@@ -74,7 +76,12 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         (pb.DESCRIPTOR.services_by_name["TeacherService"].full_name, reflection.SERVICE_NAME),
         grpc_server,
     )
-    grpc_port = grpc_server.add_insecure_port(f"{settings.host}:{settings.grpc_port}")
+    grpc_address = f"{settings.host}:{settings.grpc_port}"
+    if settings.tls_cert_file is not None and settings.tls_key_file is not None:
+        credentials = grpc_server_credentials(settings.tls_cert_file, settings.tls_key_file)
+        grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+    else:
+        grpc_port = grpc_server.add_insecure_port(grpc_address)
     await grpc_server.start()
 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
@@ -84,10 +91,11 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     http_port = http_socket.getsockname()[1]
     http_server = _Uvicorn(
         uvicorn.Config(
-            create_app(core, settings.max_message_bytes),
+            create_app(core, settings.max_message_bytes, token),
             log_level=settings.log_level,
-            h11_max_incomplete_event_size=settings.max_message_bytes,
-            timeout_graceful_shutdown=int(SHUTDOWN_GRACE_S),
+            timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+            ssl_certfile=settings.tls_cert_file,
+            ssl_keyfile=settings.tls_key_file,
         )
     )
     http_task = asyncio.create_task(http_server.serve(sockets=[http_socket]))
@@ -102,11 +110,13 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     if settings.port_file is not None:
         _write_port_file(settings.port_file, grpc_port, http_port)
     log.info(
-        "teacher serving: gRPC %s:%d, HTTP http://%s:%d (docs at /docs)",
+        "teacher serving: gRPC %s:%d, HTTP %s://%s:%d (docs at /docs)%s",
         settings.host,
         grpc_port,
+        "https" if settings.tls_cert_file else "http",
         settings.host,
         http_port,
+        "; bearer token required" if token else "",
     )
 
     stop = asyncio.Event()
@@ -117,12 +127,12 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
 
     log.info(
         "shutting down: no new requests, finishing what is in flight (grace %.0fs)",
-        SHUTDOWN_GRACE_S,
+        settings.shutdown_grace_s,
     )
     core.ready = False
     await health.enter_graceful_shutdown()
     http_server.should_exit = True
-    await grpc_server.stop(SHUTDOWN_GRACE_S)
+    await grpc_server.stop(settings.shutdown_grace_s)
     await http_task
     await core.stop()
     log.info("teacher stopped")

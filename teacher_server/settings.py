@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -56,10 +56,40 @@ class Settings(BaseSettings):
     stream_max_in_flight: int = Field(
         128, ge=1, description="batches of one gRPC stream being computed at once"
     )
+    request_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="longest a request may wait for its soft targets (client deadlines "
+        "shorter than this are honoured too)",
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long in-flight requests get to finish"
+    )
+    auth_token: SecretStr | None = Field(
+        None, description="if set, every request needs 'authorization: Bearer <token>'"
+    )
+    auth_token_file: Path | None = Field(None, description="read the auth token from this file")
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate: serve gRPC and HTTP over TLS"
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key for tls_cert_file")
     port_file: Path | None = Field(
         None, description="once serving, write {grpc_port, http_port, pid} as JSON to this file"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        return self
+
+    def token(self) -> str | None:
+        """The bearer token required of clients, or None (no authentication)."""
+        from teacher_server.security import load_token
+
+        secret = self.auth_token.get_secret_value() if self.auth_token else None
+        return load_token(secret, self.auth_token_file)
 
     def apply_torch_settings(self) -> None:
         """Process-wide torch switches this teacher needs; called once when the server starts."""
