@@ -14,26 +14,30 @@ whatever the transport; a teacher that cannot be reached raises `Unavailable` na
 from __future__ import annotations
 
 import dataclasses
+import queue
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal, Protocol
 
 import numpy as np
 import torch
 
-from protocol.errors import TeacherError, Unavailable
+from protocol.errors import Unavailable
 from student_client.grpc_transport import GrpcTransport
 from student_client.http_transport import HttpTransport
-from student_client.types import ModelInfo, ModelSummary, SoftTargets, TargetOptions
+from student_client.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
+from student_client.types import Event, ModelInfo, ModelSummary, SoftTargets, TargetOptions
 
 
 class Stream(Protocol):
+    """Many batches in flight: `send` returns at once; answers arrive on the `events` queue given
+    to `open_stream` as `(tag, batch_id, answer)`, and a broken stream as `(tag, None, error)`."""
+
     def send(
         self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
     ) -> None: ...
-
-    def receive(self) -> tuple[str, SoftTargets | TeacherError]: ...
 
     def close(self) -> None: ...
 
@@ -49,7 +53,7 @@ class Transport(Protocol):
         self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
     ) -> SoftTargets: ...
 
-    def open_stream(self) -> Stream: ...
+    def open_stream(self, events: queue.Queue[Event], tag: object) -> Stream: ...
 
     def close(self) -> None: ...
 
@@ -62,26 +66,48 @@ def as_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
 
 
 class TeacherClient:
-    """A connection to one teacher. Thread-safe for unary calls; each `open_stream()` is for one
-    thread. `address` is `host:port` for gRPC, or `http://host:port` (or `host:port`) for HTTP:
-    `transport="http"` sends protobuf bodies, `"http-json"` JSON."""
+    """A connection to a teacher (or several replicas of it). Thread-safe for unary calls.
+
+    `address`: `host:port` for gRPC; several as a list or comma-separated (`127.0.0.1:50051,
+    127.0.0.1:50052`) or one `dns:///name:port`, balanced with gRPC's round_robin; for HTTP,
+    `http(s)://host:port` (`transport="http"` sends protobuf bodies, `"http-json"` JSON).
+    `token`: bearer token if the teacher requires one. `tls_ca_file`: PEM file of the CA that
+    signed the teacher's certificate (turns TLS on). `retry`: how unary calls and the loader retry
+    what is safe to retry (see `student_client.retry`).
+    """
 
     def __init__(
         self,
-        address: str,
+        address: str | Sequence[str],
         transport: Literal["grpc", "http", "http-json"] = "grpc",
         timeout: float = 60.0,
+        token: str | None = None,
+        tls_ca_file: str | Path | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
     ) -> None:
+        addresses = (
+            [a.strip() for a in address.split(",") if a.strip()]
+            if isinstance(address, str)
+            else list(address)
+        )
+        if not addresses:
+            raise ValueError("address: give at least one teacher address")
         if transport == "grpc":
-            self._transport: Transport = GrpcTransport(address, timeout)
+            root = Path(tls_ca_file).read_bytes() if tls_ca_file is not None else None
+            self._transport: Transport = GrpcTransport(addresses, timeout, token, root)
         elif transport in ("http", "http-json"):
-            base_url = (
-                address if address.startswith(("http://", "https://")) else f"http://{address}"
-            )
-            self._transport = HttpTransport(base_url, timeout, binary=transport == "http")
+            if len(addresses) != 1:
+                raise ValueError("address: HTTP takes one address (put replicas behind a balancer)")
+            url = addresses[0]
+            scheme = "https" if tls_ca_file is not None else "http"
+            base_url = url if url.startswith(("http://", "https://")) else f"{scheme}://{url}"
+            ca = str(tls_ca_file) if tls_ca_file is not None else None
+            self._transport = HttpTransport(base_url, timeout, transport == "http", token, ca)
         else:
             raise ValueError(f"transport must be 'grpc', 'http' or 'http-json', got {transport!r}")
-        self.address = address
+        self.address = ",".join(addresses)
+        self.replicas = len(addresses)
+        self.retry = retry
         self._default_model: str | None = None
 
     def __enter__(self) -> TeacherClient:
@@ -94,7 +120,7 @@ class TeacherClient:
         self._transport.close()
 
     def list_models(self) -> list[ModelSummary]:
-        return self._transport.list_models()
+        return call_with_retries(self.retry, self._transport.list_models)
 
     def resolve_model(self, model: str | None) -> str:
         """`model`, or the teacher's first model when None."""
@@ -120,7 +146,8 @@ class TeacherClient:
                 time.sleep(0.5)
 
     def model_info(self, model: str | None = None) -> ModelInfo:
-        return self._transport.model_info(self.resolve_model(model))
+        name = self.resolve_model(model)
+        return call_with_retries(self.retry, lambda: self._transport.model_info(name))
 
     def soft_targets(
         self,
@@ -152,17 +179,17 @@ class TeacherClient:
         self, inputs: np.ndarray | torch.Tensor, options: TargetOptions, batch_id: str | None = None
     ) -> SoftTargets:
         """Like `soft_targets`, with the options as one `TargetOptions`."""
-        return self._transport.soft_targets(
-            as_numpy(inputs),
-            options,
-            self.resolve_model(options.model),
-            batch_id if batch_id is not None else uuid.uuid4().hex,
+        array, model = as_numpy(inputs), self.resolve_model(options.model)
+        batch_id = batch_id if batch_id is not None else uuid.uuid4().hex
+        return call_with_retries(
+            self.retry, lambda: self._transport.soft_targets(array, options, model, batch_id)
         )
 
-    def open_stream(self) -> Stream:
+    def open_stream(self, events: queue.Queue[Event], tag: object = None) -> Stream:
         """A bidirectional stream (gRPC), or a pool of unary calls (HTTP), for many batches in
-        flight; `SoftTargetLoader` uses it."""
-        return self._transport.open_stream()
+        flight; answers arrive on `events` (see `Stream`). `SoftTargetLoader` uses it; it does
+        not retry: the loader does."""
+        return self._transport.open_stream(events, tag)
 
     def with_model(self, options: TargetOptions) -> TargetOptions:
         """`options` with its model resolved to a name."""

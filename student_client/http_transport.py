@@ -10,7 +10,7 @@ batches in flight the same way it does over gRPC.
 from __future__ import annotations
 
 import queue
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -20,6 +20,7 @@ from protocol.errors import TeacherError, Unavailable, error_from_code
 from protocol.v1 import teacher_pb2 as pb
 from student_client.messages import request_to_pb, soft_targets_from_pb
 from student_client.types import (
+    Event,
     ModelInfo,
     ModelSummary,
     SoftTargets,
@@ -58,10 +59,24 @@ PROTOBUF = "application/x-protobuf"
 
 
 class HttpTransport:
-    def __init__(self, base_url: str, timeout: float, binary: bool = True) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout: float,
+        binary: bool = True,
+        token: str | None = None,
+        ca_file: str | None = None,
+    ) -> None:
         self.address = base_url
         self.binary = binary
-        self._client = httpx.Client(base_url=base_url, timeout=timeout)
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self._client = httpx.Client(
+            base_url=base_url,
+            timeout=timeout,
+            headers=headers,
+            verify=ca_file if ca_file is not None else True,
+            trust_env=False,  # a teacher on the loopback or a private network: no proxies
+        )
 
     def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         try:
@@ -135,33 +150,36 @@ class HttpTransport:
         }
         return soft_targets_from_json(self._request("POST", path, body))
 
-    def open_stream(self) -> HttpStream:
-        return HttpStream(self)
+    def open_stream(self, events: queue.Queue[Event], tag: object) -> HttpStream:
+        return HttpStream(self, events, tag)
 
     def close(self) -> None:
         self._client.close()
 
 
 class HttpStream:
-    """Unary HTTP requests on a few threads, answered in completion order."""
+    """Unary HTTP requests on a few threads; each answer (or error, e.g. a refused connection) is
+    put on `events` as `(tag, batch_id, answer)` when it completes."""
 
-    def __init__(self, transport: HttpTransport, workers: int = 4) -> None:
+    def __init__(
+        self, transport: HttpTransport, events: queue.Queue[Event], tag: object, workers: int = 4
+    ) -> None:
         self._transport = transport
+        self._events = events
+        self._tag = tag
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="http-stream")
-        self._done: queue.Queue[tuple[str, Future[SoftTargets]]] = queue.Queue()
+
+    def _one(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
+        try:
+            answer: SoftTargets | TeacherError = self._transport.soft_targets(
+                inputs, options, model, batch_id
+            )
+        except TeacherError as error:
+            answer = error
+        self._events.put((self._tag, batch_id, answer))
 
     def send(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
-        future = self._pool.submit(self._transport.soft_targets, inputs, options, model, batch_id)
-        future.add_done_callback(lambda f: self._done.put((batch_id, f)))
-
-    def receive(self) -> tuple[str, SoftTargets | TeacherError]:
-        batch_id, future = self._done.get()
-        error = future.exception()
-        if error is None:
-            return batch_id, future.result()
-        if isinstance(error, TeacherError):
-            return batch_id, error
-        raise error
+        self._pool.submit(self._one, inputs, options, model, batch_id)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

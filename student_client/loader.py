@@ -4,33 +4,63 @@
     for inputs, labels, targets in loader:    # targets: SoftTargets for exactly this batch
         loss = kd(student(inputs), targets.tensor("digit"), labels)
 
-Up to `depth` batches are sent ahead on one stream, so the network and the teacher work while the
-student trains. Batches come out in the order they went in; each is sent once and answered once
-(matched by batch id). A batch the teacher answers with an error raises that error, naming the
-batch, from the iteration that would have yielded it: nothing is skipped silently.
+Up to `depth` batches are in flight on `streams` streams (one per teacher replica by default), so
+the network and the teachers work while the student trains; answers are decoded on the streams'
+reader threads. Batches come out in the order they went in, each labelled exactly once: answers
+are matched by batch id, and a batch is re-sent only when its answer did not arrive.
+
+Failures:
+- a batch answered with a retryable error (an overloaded teacher's RESOURCE_EXHAUSTED, ...) is
+  re-sent after a backoff;
+- a broken stream (teacher killed, restarted, connection reset) is reopened after a backoff and
+  every batch it had not answered is re-sent, possibly to another replica;
+- both are bounded by the client's `RetryPolicy` (time since the last answer that arrived);
+- an error that retrying cannot fix (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) is raised from
+  the iteration that would have yielded that batch, naming it: nothing is skipped silently.
+
+With `pin_version=True` (the default) the first answer's model version is pinned for the rest of
+the pass: a teacher that changes weights mid-epoch (a reload, a replica with other weights) makes
+the loader raise `FailedPrecondition` instead of mixing two teachers' soft targets.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import queue
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
-from protocol.errors import Internal, TeacherError
-from student_client.client import TeacherClient, as_numpy
-from student_client.types import SoftTargets, TargetOptions
+import numpy as np
+
+from protocol.errors import FailedPrecondition, Internal, TeacherError
+from student_client.client import Stream, TeacherClient, as_numpy
+from student_client.retry import RetryBudget, is_retryable
+from student_client.types import Event, SoftTargets, TargetOptions
 
 
 @dataclass
 class LoaderStats:
-    """Counters of one pass, to check that every batch was accounted for."""
+    """Counters of one pass, to check that every batch was accounted for. `sent` counts first
+    sends only; re-sends after failures are counted in `resent`."""
 
     sent: int = 0
     received: int = 0
     yielded: int = 0
     samples: int = 0
+    resent: int = 0
+    reconnects: int = 0
+
+
+@dataclass
+class _Lane:
+    """One stream and the batches it owes an answer for (batch id -> encoded inputs)."""
+
+    stream: Stream
+    generation: int
+    awaited: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class SoftTargetLoader:
@@ -41,10 +71,13 @@ class SoftTargetLoader:
         options: TargetOptions | None = None,
         depth: int = 8,
         input_dtype: str | None = None,
+        streams: int | None = None,
+        pin_version: bool = True,
     ) -> None:
         """`batches` yields `(inputs, labels)` tuples (labels: anything, passed through) or bare
-        inputs. `depth` >= 1 is the number of batches in flight. `input_dtype` converts inputs
-        before sending (e.g. `uint8` for pixels already in 0..255)."""
+        inputs. `depth` >= 1 batches are in flight. `input_dtype` converts inputs before sending
+        (e.g. `uint8` for pixels already in 0..255). `streams` defaults to the client's number of
+        replica addresses."""
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         self.batches = batches
@@ -52,58 +85,71 @@ class SoftTargetLoader:
         self.options = client.with_model(options or TargetOptions())
         self.depth = depth
         self.input_dtype = input_dtype
+        self.streams = streams or client.replicas
+        self.pin_version = pin_version
         self.stats = LoaderStats()
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
 
-    def _split(self, batch: Any) -> tuple[Any, Any]:
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
-            return batch[0], batch[1]
-        return batch, None
-
     def __iter__(self) -> Iterator[tuple[Any, Any, SoftTargets]]:
-        self.stats = LoaderStats()
-        run = uuid.uuid4().hex[:12]
-        model = str(self.options.model)
-        stream = self.client.open_stream()
+        return _Pass(self).run()
+
+
+class _Pass:
+    """The state of one iteration over the loader."""
+
+    def __init__(self, loader: SoftTargetLoader) -> None:
+        self.loader = loader
+        self.client = loader.client
+        self.options = loader.options
+        self.model = str(loader.options.model)
+        self.stats = loader.stats = LoaderStats()
+        self.run_id = uuid.uuid4().hex[:12]
+        self.events: queue.Queue[Event] = queue.Queue()
+        self.lanes = [self._open(index, 0) for index in range(loader.streams)]
+        self.answers: dict[str, SoftTargets | TeacherError] = {}
+        self.budget = RetryBudget(self.client.retry)
+        self.pinned = self.options.model_version
+
+    def _open(self, index: int, generation: int) -> _Lane:
+        return _Lane(self.client.open_stream(self.events, (index, generation)), generation)
+
+    def _send(self, lane_index: int, batch_id: str, array: np.ndarray) -> None:
+        lane = self.lanes[lane_index]
+        lane.awaited[batch_id] = array
+        lane.stream.send(array, self.options, self.model, batch_id)
+
+    def _encode(self, inputs: Any) -> np.ndarray:
+        array = as_numpy(inputs)
+        if self.loader.input_dtype is not None:
+            array = array.astype(self.loader.input_dtype)
+        return array
+
+    def run(self) -> Iterator[tuple[Any, Any, SoftTargets]]:
         pending: deque[tuple[str, Any, Any]] = deque()  # (batch_id, inputs, labels), in order
-        answers: dict[str, SoftTargets | TeacherError] = {}
-        awaited: set[str] = set()  # sent, not yet answered
-        source = iter(self.batches)
-        exhausted = False
-        index = 0
+        source = iter(self.loader.batches)
+        exhausted, index = False, 0
         try:
             while True:
-                while not exhausted and len(pending) < self.depth:
+                while not exhausted and len(pending) < self.loader.depth:
                     try:
                         batch = next(source)
                     except StopIteration:
                         exhausted = True
                         break
-                    inputs, labels = self._split(batch)
-                    batch_id = f"{run}-{index}"
-                    array = as_numpy(inputs)
-                    if self.input_dtype is not None:
-                        array = array.astype(self.input_dtype)
-                    stream.send(array, self.options, model, batch_id)
-                    awaited.add(batch_id)
+                    inputs, labels = _split(batch)
+                    batch_id = f"{self.run_id}-{index}"
+                    self._send(index % len(self.lanes), batch_id, self._encode(inputs))
                     self.stats.sent += 1
                     pending.append((batch_id, inputs, labels))
                     index += 1
                 if not pending:
                     return
                 batch_id, inputs, labels = pending.popleft()
-                while batch_id not in answers:
-                    received_id, answer = stream.receive()
-                    if received_id not in awaited:
-                        raise Internal(
-                            f"teacher answered unknown or repeated batch id {received_id!r}"
-                        )
-                    awaited.discard(received_id)
-                    answers[received_id] = answer
-                    self.stats.received += 1
-                answer = answers.pop(batch_id)
+                while batch_id not in self.answers:
+                    self._handle(self.events.get())
+                answer = self.answers.pop(batch_id)
                 if isinstance(answer, TeacherError):
                     number = int(batch_id.rsplit("-", 1)[1])
                     raise type(answer)(
@@ -113,4 +159,62 @@ class SoftTargetLoader:
                 self.stats.samples += answer.batch_size
                 yield inputs, labels, answer
         finally:
-            stream.close()
+            for lane in self.lanes:
+                lane.stream.close()
+
+    def _handle(self, event: Event) -> None:
+        tag, batch_id, answer = event
+        lane_index, generation = cast(tuple[int, int], tag)
+        lane = self.lanes[lane_index]
+        if generation != lane.generation:
+            return  # from a stream already replaced: its batches were re-sent
+        if batch_id is None:
+            assert isinstance(answer, TeacherError)
+            self._reconnect(lane_index, answer)
+            return
+        if batch_id not in lane.awaited:
+            raise Internal(f"teacher answered unknown or repeated batch id {batch_id!r}")
+        if isinstance(answer, TeacherError) and is_retryable(answer):
+            self.budget.failed(answer)  # sleeps the backoff, or raises when time is up
+            self.stats.resent += 1
+            lane.stream.send(lane.awaited[batch_id], self.options, self.model, batch_id)
+            return
+        del lane.awaited[batch_id]
+        self.stats.received += 1
+        if isinstance(answer, SoftTargets):
+            self.budget.succeeded()
+            answer = self._check_version(answer)
+        self.answers[batch_id] = answer
+
+    def _check_version(self, answer: SoftTargets) -> SoftTargets:
+        if not self.loader.pin_version:
+            return answer
+        if not self.pinned:
+            self.pinned = answer.model_version
+            self.options = dataclasses.replace(self.options, model_version=self.pinned)
+        elif answer.model_version != self.pinned:
+            raise FailedPrecondition(
+                f"model_version: batch {answer.batch_id} was answered by {answer.model_version!r}, "
+                f"but this pass is pinned to {self.pinned!r}; not mixing two teachers",
+                "model_version",
+            )
+        return answer
+
+    def _reconnect(self, lane_index: int, error: TeacherError) -> None:
+        """Replace a broken stream and re-send every batch it had not answered."""
+        old = self.lanes[lane_index]
+        old.stream.close()
+        self.budget.failed(error)  # sleeps the backoff, or raises when time is up
+        lane = self._open(lane_index, old.generation + 1)
+        self.lanes[lane_index] = lane
+        self.stats.reconnects += 1
+        for batch_id, array in old.awaited.items():
+            lane.awaited[batch_id] = array
+            lane.stream.send(array, self.options, self.model, batch_id)
+            self.stats.resent += 1
+
+
+def _split(batch: Any) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    return batch, None

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from protocol.errors import TeacherError
+
 
 @dataclass(frozen=True)
 class TargetOptions:
@@ -98,3 +100,8 @@ class ModelSummary:
     name: str
     model_version: str
     ready: bool
+
+
+Event = tuple[object, str | None, "SoftTargets | TeacherError"]
+"""What a stream reports to its loader: (tag, batch_id, answer). A `None` batch id means the stream
+itself broke, with the error as the answer."""

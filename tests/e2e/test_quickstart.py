@@ -47,6 +47,8 @@ def test_shortened_quickstart(default_repository: Path, tmp_path: Path) -> None:
         "received": expected_batches,
         "yielded": expected_batches,
         "samples": n_train,
+        "resent": 0,
+        "reconnects": 0,
     }
     assert result["loader_batches"] == [every_batch_once] * 2  # one per distilled epoch
     assert result["teacher"]["accuracy"]["digit"] >= 0.95
