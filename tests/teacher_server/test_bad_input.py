@@ -305,7 +305,7 @@ CASES = [
 ]
 
 MATRIX = [
-    pytest.param(case, transport, id=f"{case.name}-{transport}")
+    pytest.param(case, transport, id=f"{case.name}-{transport}".replace(" ", "_"))
     for case in CASES
     for transport in ("grpc", "http")
     if getattr(case, transport) is not None
