@@ -27,6 +27,7 @@ from teacher_server import wire
 from teacher_server.core import TeacherCore
 from teacher_server.schema import SoftTargets, SoftTargetsRequest
 from teacher_server.security import HttpTokenMiddleware
+from teacher_server.v2_http import create_v2_router
 
 
 class SoftTargetsBody(BaseModel):
@@ -42,7 +43,7 @@ class SoftTargetsBody(BaseModel):
         "float32", description="element type of `inputs`: float32, float16, uint8, int64"
     )
     tasks: list[str] = Field(default_factory=list, description="tasks to return; empty: all")
-    temperature: float = Field(1.0, description="softmax temperature T > 0")
+    temperature: float = Field(1.0, strict=True, description="softmax temperature T > 0")
     output: str = Field("probs", description="probs, log_probs or logits")
     batch_id: str = Field("", description="echoed in the response")
     model_version: str = Field("", description="if set, fail unless the served version equals it")
@@ -56,11 +57,29 @@ def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
     if dtype_value == codec.DTYPES_BY_NAME["bfloat16"]:
         raise InvalidArgument("dtype: bfloat16 inputs are not accepted over JSON", "dtype")
     try:
-        array = np.asarray(body.inputs, dtype=body.dtype)
+        # Parsed as float64 first: JSON numbers are doubles, and integer dtypes must not silently
+        # truncate 0.7 to 0 or wrap 300 to 44.
+        parsed = np.asarray(body.inputs, dtype=np.float64)
     except (ValueError, TypeError, OverflowError) as error:
         raise InvalidArgument(
-            f"inputs: not a rectangular array of {body.dtype} numbers ({error})", "inputs"
+            f"inputs: not a rectangular array of numbers ({error})", "inputs"
         ) from None
+    dtype = np.dtype(body.dtype)
+    if dtype.kind in "iu" and parsed.size:
+        info = np.iinfo(dtype)
+        bad = (
+            ~np.isfinite(parsed)
+            | (parsed != np.round(parsed))
+            | (parsed < info.min)
+            | (parsed > info.max)
+        )
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise InvalidArgument(
+                f"inputs: value {parsed[tuple(where)]!r} at index {where} is not a {body.dtype}",
+                "inputs",
+            )
+    array = parsed.astype(dtype)
     if body.shape is not None:
         count = codec.element_count(body.shape, "inputs", codec.DEFAULT_MAX_ELEMENTS)
         if array.size != count:
@@ -286,4 +305,5 @@ def create_app(
         result = await core.soft_targets(_request_from_json(model, raw), _timeout(request))
         return JSONResponse(soft_targets_json(result))
 
+    app.include_router(create_v2_router(core, max_message_bytes))
     return app

@@ -32,6 +32,8 @@ from teacher_server.grpc_service import TeacherServicer
 from teacher_server.http_app import create_app
 from teacher_server.security import GrpcTokenInterceptor, grpc_server_credentials
 from teacher_server.settings import Settings
+from teacher_server.v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
+from teacher_server.v2_grpc import add_inference_service
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +70,17 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     pb_grpc.add_TeacherServiceServicer_to_server(
         TeacherServicer(core, max_elements, settings.stream_max_in_flight), grpc_server
     )
+    add_inference_service(grpc_server, core, max_elements)  # Open Inference Protocol (v2)
     health = HealthServicer()
     for service in ("", "distill.v1.TeacherService"):  # SERVING only once both doors answer
         await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health, grpc_server)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["TeacherService"].full_name, reflection.SERVICE_NAME),
+        (
+            pb.DESCRIPTOR.services_by_name["TeacherService"].full_name,
+            V2_SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        ),
         grpc_server,
     )
     grpc_address = f"{settings.host}:{settings.grpc_port}"

@@ -31,6 +31,11 @@ def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTa
         )
     if not message.HasField("inputs"):
         raise InvalidArgument("inputs: missing", "inputs")
+    if message.inputs.dtype == pb.BFLOAT16:
+        raise InvalidArgument(
+            "inputs.dtype: bfloat16 inputs are not accepted; send float32, float16 or uint8",
+            "inputs.dtype",
+        )
     return SoftTargetsRequest(
         model=message.model,
         inputs=codec.decode(message.inputs, "inputs", max_elements),

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CHECKED_IN = sorted(
     path.relative_to(ROOT)
     for pattern in ("*_pb2*.py", "*_pb2*.pyi")
-    for path in (ROOT / "protocol" / "v1").glob(pattern)
+    for path in (ROOT / "protocol").rglob(pattern)
 )
 
 
@@ -25,8 +25,8 @@ def generated(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_generated_files_exist() -> None:
-    names = {path.name for path in CHECKED_IN}
-    assert {"teacher_pb2.py", "teacher_pb2.pyi", "teacher_pb2_grpc.py"} <= names
+    names = {str(path) for path in CHECKED_IN}
+    assert {f"protocol/v1/teacher_pb2{end}" for end in (".py", ".pyi", "_grpc.py")} <= names
 
 
 @pytest.mark.parametrize("relative", CHECKED_IN, ids=str)
