@@ -52,6 +52,8 @@ class DynamicBatcher:
         self._on_forward = on_forward
         self.forwards = 0
         self.requests_forwarded = 0
+        self._accepting = True
+        self._busy = False  # a forward is running
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -70,6 +72,13 @@ class DynamicBatcher:
                 item.future.set_exception(Unavailable("server is shutting down"))
         self._executor.shutdown(wait=True)
 
+    async def drain(self) -> None:
+        """Stop accepting, let every accepted request finish, then close (a reload's old version)."""
+        self._accepting = False
+        while self.queue_depth or self._busy:
+            await asyncio.sleep(0.005)
+        await self.close()
+
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize() + (1 if self._carry else 0)
@@ -78,8 +87,11 @@ class DynamicBatcher:
         """Queue a request and wait up to `timeout` seconds for its soft targets. Raises
         `ResourceExhausted` at once when the queue is full, `DeadlineExceeded` after `timeout`
         (the request is then dropped from the queue, or its result discarded if already running)."""
-        if self._task is None or self._task.done():
-            raise Unavailable("the batcher is not running")
+        if self._task is None or self._task.done() or not self._accepting:
+            raise Unavailable(
+                f"model {self.engine.config.name!r} version {self.engine.loaded.version[:19]} is "
+                "not accepting requests (unloading or stopped); retry"
+            )
         future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
         try:
             self._queue.put_nowait(_Pending(request, future))
@@ -99,6 +111,7 @@ class DynamicBatcher:
 
     async def _next_batch(self) -> list[_Pending]:
         first = self._carry or await self._queue.get()
+        self._busy = True  # holding requests from here until their results are set
         self._carry = None
         batch, samples = [first], first.request.batch_size
         loop = asyncio.get_running_loop()
@@ -122,25 +135,30 @@ class DynamicBatcher:
         return [item for item in batch if not item.future.done()]  # drop callers that left
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._next_batch()
-            if not batch:
-                continue
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.engine.run, [item.request for item in batch]
-                )
-            except Exception as error:  # a failed forward fails its requests, not the server
-                log.exception("forward failed for %d requests", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(Internal(f"forward failed: {error!r}"))
-                continue
-            self.forwards += 1
-            self.requests_forwarded += len(batch)
-            if self._on_forward is not None:
-                self._on_forward(len(batch), sum(item.request.batch_size for item in batch))
-            for item, result in zip(batch, results, strict=True):
+                if batch:
+                    await self._forward(batch)
+            finally:
+                self._busy = False
+
+    async def _forward(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            results = await loop.run_in_executor(
+                self._executor, self.engine.run, [item.request for item in batch]
+            )
+        except Exception as error:  # a failed forward fails its requests, not the server
+            log.exception("forward failed for %d requests", len(batch))
+            for item in batch:
                 if not item.future.done():
-                    item.future.set_result(result)
+                    item.future.set_exception(Internal(f"forward failed: {error!r}"))
+            return
+        self.forwards += 1
+        self.requests_forwarded += len(batch)
+        if self._on_forward is not None:
+            self._on_forward(len(batch), sum(item.request.batch_size for item in batch))
+        for item, result in zip(batch, results, strict=True):
+            if not item.future.done():
+                item.future.set_result(result)

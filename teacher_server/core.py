@@ -1,21 +1,34 @@
-"""The teacher's core: the models it serves and the one function every transport calls.
+"""The teacher's core: the models it serves and the functions every transport calls.
 
 gRPC and HTTP handlers decode their message into a `SoftTargetsRequest`, call
 `TeacherCore.soft_targets`, and encode the `SoftTargets` they get back. Validation, batching and
 the forward happen here and below, once for every transport.
+
+Models and versions: each model name serves one or more versions (see `repository`), each with its
+own engine and batcher. A request without `model_version` gets the default (newest) version. A
+reload swaps in the new set of versions at once; versions no longer present are drained (every
+request already accepted finishes on the version it started with) and then unloaded. A model folder
+that fails to load is reported (ListModels, logs) and the other models keep serving.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from protocol.errors import NotFound, Unavailable
+from protocol.errors import FailedPrecondition, NotFound, Unavailable
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.default_teacher import DEFAULT_MODEL_NAME, train_default_teacher
 from teacher_server.engine import Engine, accepted_input_dtypes
-from teacher_server.repository import LoadedModel, ModelLoadError, load_model, model_folders
+from teacher_server.model_config import ModelLoadError
+from teacher_server.repository import (
+    LoadedModel,
+    VersionFolder,
+    load_version,
+    read_config,
+    scan_repository,
+)
 from teacher_server.schema import ModelInfo, SoftTargets, SoftTargetsRequest, TaskInfo
 from teacher_server.settings import Settings
 from teacher_server.validation import validate
@@ -24,11 +37,43 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ServedModel:
+class ServedVersion:
     loaded: LoadedModel
     engine: Engine
     batcher: DynamicBatcher
     info: ModelInfo
+
+
+@dataclass
+class ServedModel:
+    """Every served version of one model name, and the default one."""
+
+    versions: dict[str, ServedVersion] = field(default_factory=dict)
+    default: str = ""
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    name: str
+    model_version: str
+    ready: bool
+    default_version: bool = False
+    error: str = ""
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    model: str
+    versions: tuple[VersionSummary, ...]
+    loaded: tuple[str, ...]
+    unloaded: tuple[str, ...]
+
+
+def parameter_count(loaded: LoadedModel) -> int:
+    if loaded.module is not None:
+        return sum(p.numel() for p in loaded.module.parameters())
+    return sum(parameter_count(member) for member in loaded.members)
 
 
 def model_info(loaded: LoadedModel, engine: Engine, max_batch_size: int) -> ModelInfo:
@@ -44,94 +89,239 @@ def model_info(loaded: LoadedModel, engine: Engine, max_batch_size: int) -> Mode
         hints=engine.hint_shapes,
         max_batch_size=max_batch_size,
         description=config.description,
-        parameter_count=sum(p.numel() for p in loaded.module.parameters()),
+        parameter_count=parameter_count(loaded),
         ready=True,
+        max_value=config.max_value,
+        members=config.members,
     )
 
 
-def load_repository(settings: Settings) -> tuple[list[LoadedModel], dict[str, str]]:
-    """Load every model folder; train the default teacher first if the repository has none.
-    Returns the loaded models and, per folder that failed, its error (the others still serve)."""
-    root = settings.model_repository
-    device = settings.torch_device()
-    if not model_folders(root) and settings.train_default_if_missing:
-        log.info("no model in %s: training the default teacher (about 30 s on 2 CPU cores)", root)
-        train_default_teacher(root / DEFAULT_MODEL_NAME)
-    loaded, failures = [], {}
-    for folder in model_folders(root):
-        try:
-            loaded.append(load_model(folder, device, settings.allowed_architectures))
-        except ModelLoadError as error:
-            log.error("model folder %s not served: %s", folder, error)
-            failures[folder.name] = str(error)
-    return loaded, failures
-
-
 class TeacherCore:
-    """Owns the served models and their batchers. Create it, `await start()` on the serving
-    loop, `await stop()` at shutdown."""
+    """Owns the served models, their versions and batchers. `load()` (blocking, in a thread),
+    then `await start()` on the serving loop; `await reload(name)` any time; `await stop()`."""
 
-    def __init__(self, models: list[LoadedModel], settings: Settings) -> None:
+    def __init__(self, settings: Settings) -> None:
         settings.apply_torch_settings()
         self.settings = settings
+        self.device = settings.torch_device()
         self.models: dict[str, ServedModel] = {}
-        for loaded in models:
-            engine = Engine(loaded)
-            batcher = DynamicBatcher(
-                engine,
-                settings.max_batch_size,
-                settings.max_queue_delay_ms,
-                settings.max_queue_size,
-            )
-            info = model_info(loaded, engine, settings.max_batch_size)
-            self.models[loaded.config.name] = ServedModel(loaded, engine, batcher, info)
-            accuracy = ", ".join(
-                f"{t.name} {t.test_accuracy:.4f}" for t in info.tasks if t.test_accuracy is not None
-            )
-            log.info(
-                "serving model %s (%s) on %s; held-out accuracy: %s",
-                info.name,
-                info.model_version[:19],
-                loaded.device,
-                accuracy or "unknown",
-            )
+        self.failures: dict[str, str] = {}  # model name -> why its folder is not served
         self.ready = False
+        self._started = False
+        self._reload_lock = asyncio.Lock()
+        self._poll_task: asyncio.Task[None] | None = None
+        self._draining: set[asyncio.Task[None]] = set()  # old versions finishing after a reload
 
-    @classmethod
-    def from_repository(cls, settings: Settings) -> TeacherCore:
-        models, _ = load_repository(settings)
-        return cls(models, settings)
+    # ---- loading -------------------------------------------------------------------------
 
-    @classmethod
-    def from_folders(cls, folders: list[Path], settings: Settings) -> TeacherCore:
-        device = settings.torch_device()
-        return cls(
-            [load_model(f, device, settings.allowed_architectures) for f in folders], settings
+    def _serve(self, loaded: LoadedModel) -> ServedVersion:
+        engine = Engine(loaded)
+        batcher = DynamicBatcher(
+            engine,
+            self.settings.max_batch_size,
+            self.settings.max_queue_delay_ms,
+            self.settings.max_queue_size,
         )
+        info = model_info(loaded, engine, self.settings.max_batch_size)
+        accuracy = ", ".join(
+            f"{t.name} {t.test_accuracy:.4f}" for t in info.tasks if t.test_accuracy is not None
+        )
+        log.info(
+            "loaded model %s %s(%s) on %s; held-out accuracy: %s",
+            info.name,
+            f"version {loaded.label} " if loaded.label else "",
+            info.model_version[:19],
+            loaded.device,
+            accuracy or "unknown",
+        )
+        return ServedVersion(loaded, engine, batcher, info)
+
+    def _member(self, name: str) -> LoadedModel:
+        """An ensemble member: the default version of a served model."""
+        served = self.models[name]
+        return served.versions[served.default].loaded
+
+    def _load_model(self, name: str, folders: list[VersionFolder]) -> dict[str, ServedVersion]:
+        """Load every version folder of one model (blocking). Versions already served with the
+        same content are kept as they are, not reloaded."""
+        current = self.models.get(name, ServedModel()).versions
+        served: dict[str, ServedVersion] = {}
+        for folder in folders:
+            loaded = load_version(
+                folder, self.device, self.settings.allowed_architectures, self._member
+            )
+            served[loaded.version] = current.get(loaded.version) or self._serve(loaded)
+        return served
+
+    def load(self) -> None:
+        """Load the whole repository (blocking), training the default teacher first if the
+        repository has no model. Plain models load before ensembles, which need them."""
+        root = self.settings.model_repository
+        if not scan_repository(root) and self.settings.train_default_if_missing:
+            log.info(
+                "no model in %s: training the default teacher (about 30 s on 2 CPU cores)", root
+            )
+            train_default_teacher(root / DEFAULT_MODEL_NAME)
+        found = scan_repository(root)
+        pending = dict(found)
+        while pending:  # ensembles wait until their members are loaded
+            progress = False
+            for name, folders in list(pending.items()):
+                if self._waits_for_members(folders, set(pending)):
+                    continue
+                progress = True
+                del pending[name]
+                self._install_loaded(name, folders)
+            if not progress:
+                for name in pending:
+                    self.failures[name] = f"{name}: ensemble members form a cycle or are missing"
+                    log.error("model %s not served: %s", name, self.failures[name])
+                break
+
+    def _waits_for_members(self, folders: list[VersionFolder], pending: set[str]) -> bool:
+        try:
+            members = {m for folder in folders for m in read_config(folder)[0].members}
+        except ModelLoadError:
+            return False  # fails again (and is reported) when loaded
+        return any(member in pending for member in members)
+
+    def _install_loaded(self, name: str, folders: list[VersionFolder]) -> None:
+        try:
+            versions = self._load_model(name, folders)
+        except (ModelLoadError, OSError) as error:
+            self.failures[name] = str(error)
+            log.error("model %s not served: %s", name, error)
+            return
+        self.models[name] = ServedModel(versions, default=next(reversed(versions)))
+        self.failures.pop(name, None)
+
+    # ---- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
         for served in self.models.values():
-            served.batcher.start()
+            for version in served.versions.values():
+                version.batcher.start()
+        self._started = True
         self.ready = True
+        if self.settings.repository_poll_s > 0:
+            self._poll_task = asyncio.create_task(self._poll(), name="repository-poll")
 
     async def stop(self) -> None:
         self.ready = False
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+        if self._draining:
+            await asyncio.gather(*self._draining)
         for served in self.models.values():
-            await served.batcher.close()
+            for version in served.versions.values():
+                await version.batcher.close()
 
-    def list_models(self) -> list[ModelInfo]:
-        return [served.info for served in self.models.values()]
+    # ---- reload --------------------------------------------------------------------------
 
-    def model_info(self, name: str) -> ModelInfo:
-        return self._served(name).info
+    async def reload(self, name: str) -> ReloadResult:
+        """Re-read model `name`'s folder: load new versions, drain and unload removed ones.
+        Ensembles that use `name` are reloaded after it. Raises `NotFound` if the repository has
+        no such folder, `FailedPrecondition` if it fails to load (the old versions keep serving)."""
+        async with self._reload_lock:
+            result = await self._reload_one(name)
+            for other, served in list(self.models.items()):
+                members = {m for v in served.versions.values() for m in v.loaded.config.members}
+                if name in members:
+                    await self._reload_one(other)
+            return result
 
-    def _served(self, name: str) -> ServedModel:
+    async def _reload_one(self, name: str) -> ReloadResult:
+        folders = scan_repository(self.settings.model_repository).get(name)
+        if folders is None:
+            raise NotFound(f"model: the repository has no folder {name!r} (to reload)", "model")
         try:
-            return self.models[name]
-        except KeyError:
+            versions = await asyncio.to_thread(self._load_model, name, folders)
+        except (ModelLoadError, OSError) as error:
+            self.failures[name] = str(error)
+            log.error("reload of %s failed, old versions keep serving: %s", name, error)
+            raise FailedPrecondition(
+                f"model: reload of {name!r} failed: {error}", "model"
+            ) from None
+        old = self.models.get(name, ServedModel()).versions
+        added = [v for v in versions if v not in old]
+        removed = [v for v in old if v not in versions]
+        for version in added:
+            if self._started:
+                versions[version].batcher.start()
+        # The swap is one assignment: a request resolves its version before any await.
+        self.models[name] = ServedModel(versions, default=next(reversed(versions)))
+        self.failures.pop(name, None)
+        for version in removed:
+            task = asyncio.create_task(old[version].batcher.drain(), name=f"drain {version[:19]}")
+            self._draining.add(task)
+            task.add_done_callback(self._draining.discard)
+        log.info("reloaded %s: loaded %s, unloading %s", name, added or "none", removed or "none")
+        return ReloadResult(name, tuple(self._summaries(name)), tuple(added), tuple(removed))
+
+    def _signature(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        """A cheap fingerprint of the repository (paths, sizes, mtimes) for polling."""
+        signature = {}
+        for name, folders in scan_repository(self.settings.model_repository).items():
+            files = sorted(p for folder in folders for p in folder.path.iterdir() if p.is_file())
+            signature[name] = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+        return signature
+
+    async def _poll(self) -> None:
+        seen = await asyncio.to_thread(self._signature)
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            now = await asyncio.to_thread(self._signature)
+            for name in sorted(set(now) | set(seen)):
+                if now.get(name) != seen.get(name) and name in now:
+                    try:
+                        await self.reload(name)
+                    except (NotFound, FailedPrecondition) as error:
+                        log.error("poll: %s", error.message)
+            seen = now
+
+    # ---- queries -------------------------------------------------------------------------
+
+    def _summaries(self, name: str) -> list[VersionSummary]:
+        served = self.models.get(name)
+        if served is None:
+            return [VersionSummary(name, "", False, error=self.failures.get(name, ""))]
+        return [
+            VersionSummary(
+                name,
+                version,
+                self.ready,
+                version == served.default,
+                self.failures.get(name, ""),
+                item.loaded.label,
+            )
+            for version, item in served.versions.items()
+        ]
+
+    def list_models(self) -> list[VersionSummary]:
+        """Every served version of every model, and the folders that failed to load."""
+        names = sorted(set(self.models) | set(self.failures))
+        return [summary for name in names for summary in self._summaries(name)]
+
+    def model_info(self, name: str, model_version: str = "") -> ModelInfo:
+        return self._resolve(name, model_version).info
+
+    def _resolve(self, name: str, model_version: str) -> ServedVersion:
+        served = self.models.get(name)
+        if served is None:
+            if name in self.failures:
+                raise Unavailable(f"model: {name!r} failed to load: {self.failures[name]}", "model")
             raise NotFound(
                 f"model: no model named {name!r}; serving {sorted(self.models)}", "model"
-            ) from None
+            )
+        if not model_version:
+            return served.versions[served.default]
+        if model_version not in served.versions:
+            raise FailedPrecondition(
+                f"model_version: pinned {model_version!r} but model {name!r} is serving "
+                f"{sorted(served.versions)}",
+                "model_version",
+            )
+        return served.versions[model_version]
 
     async def soft_targets(
         self, request: SoftTargetsRequest, timeout: float | None = None
@@ -140,7 +330,7 @@ class TeacherCore:
         `timeout` (seconds, e.g. the client's gRPC deadline) is capped by `request_timeout_s`."""
         if not self.ready:
             raise Unavailable("server is not ready (starting or shutting down)")
-        served = self._served(request.model)
+        served = self._resolve(request.model, request.model_version)
         limit = self.settings.request_timeout_s
         timeout = limit if timeout is None else max(0.0, min(timeout, limit))
         return await served.batcher.submit(validate(request, served.info), timeout)

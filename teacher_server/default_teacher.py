@@ -18,8 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from teacher_server.model_config import ModelConfig, TaskConfig
 from teacher_server.models.multitask_cnn import MultiTaskCNN
-from teacher_server.repository import ModelConfig, TaskConfig, save_model
+from teacher_server.repository import save_model
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,17 @@
 """The engine: one forward of the shared backbone per merged batch, then every requested head, then
 per-request temperature, softmax / log-softmax, top-k and output dtype.
 
+An ensemble runs each member's forward on the same batch; its soft targets are the mean of the
+members' probabilities at the request's temperature (`probs`), the log of that mean (`log_probs`),
+or the mean of the members' logits / T (`logits`, a log-space variant).
+
 `Engine.run` is blocking and meant for the batcher's worker thread; it is not re-entrant (one
 worker per engine). Results are split back per request in the order given.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -21,13 +27,23 @@ def accepted_input_dtypes(model_dtype: str) -> tuple[str, ...]:
     return ("float32", "float16", "uint8") if model_dtype == "float32" else ("int64", "int32")
 
 
+def _task_logits(
+    model: LoadedModel, inputs: torch.Tensor, tasks: list[str]
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Per member (one for a plain model): task -> logits (batch, classes) float32; and the plain
+    model's named features (the hints)."""
+    if model.members:
+        return [_task_logits(member, inputs, tasks)[0][0] for member in model.members], {}
+    assert model.forward_features is not None and model.heads is not None
+    features = model.forward_features(inputs)
+    return [{task: model.heads[task](features["features"]).float() for task in tasks}], features
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
-        self.forward_features = loaded.forward_features
-        self.heads = loaded.heads
         self.hint_shapes = self._probe_hint_shapes()
 
     def _model_inputs(self, arrays: list[np.ndarray]) -> torch.Tensor:
@@ -48,10 +64,20 @@ class Engine:
 
     def _probe_hint_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of the declared hints, found by one forward of a zero sample."""
+        if not self.config.hints:
+            return {}
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
         sample = np.zeros((1, *self.config.input_shape), dtype=dtype)
         with torch.inference_mode():
-            features = self.forward_features(self._model_inputs([sample]))
+            _, features = _task_logits(self.loaded, self._model_inputs([sample]), [])
+        missing = [name for name in self.config.hints if name not in features]
+        if missing:
+            from teacher_server.model_config import ModelLoadError
+
+            raise ModelLoadError(
+                f"model {self.config.name!r}: hints {missing} are not returned by forward_features "
+                f"(it returns {sorted(features)})"
+            )
         return {name: tuple(features[name].shape[1:]) for name in self.config.hints}
 
     def run(self, batch: list[ValidatedRequest]) -> list[SoftTargets]:
@@ -59,8 +85,7 @@ class Engine:
         tasks = sorted({task for item in batch for task in item.tasks})
         inputs = self._model_inputs([item.inputs for item in batch])
         with torch.inference_mode():
-            features = self.forward_features(inputs)
-            logits = {task: self.heads[task](features["features"]).float() for task in tasks}
+            member_logits, features = _task_logits(self.loaded, inputs, tasks)
         results = []
         start = 0
         for item in batch:
@@ -69,7 +94,7 @@ class Engine:
             outputs = tuple(
                 shape_output(
                     task,
-                    logits[task][start:end],
+                    [logits[task][start:end] for logits in member_logits],
                     request.temperature,
                     request.output,
                     request.top_k,
@@ -103,17 +128,34 @@ def _round_dtype(values: np.ndarray, output_dtype: str) -> np.ndarray:
     return values
 
 
+def task_values(members: list[torch.Tensor], temperature: float, kind: str) -> torch.Tensor:
+    """(batch, classes) float64 values of one task from each member's logits (one member for a
+    plain model): softmax / log-softmax / logits at T, averaged in probability space."""
+    # float64, so that T and the softmax round once, at the end
+    scaled = [logits.double() / temperature for logits in members]
+    if len(scaled) == 1:
+        (z,) = scaled
+        if kind == "probs":
+            return torch.softmax(z, dim=1)
+        return torch.log_softmax(z, dim=1) if kind == "log_probs" else z
+    if kind == "logits":
+        return torch.stack(scaled).mean(0)
+    log_probs = torch.stack([torch.log_softmax(z, dim=1) for z in scaled])  # (members, batch, C)
+    # the log of the mean probability, computed in log space
+    mean_log_probs = torch.logsumexp(log_probs, dim=0) - math.log(len(members))
+    return mean_log_probs if kind == "log_probs" else mean_log_probs.exp()
+
+
 def shape_output(
-    task: str, logits: torch.Tensor, temperature: float, kind: str, top_k: int, output_dtype: str
+    task: str,
+    members: list[torch.Tensor],
+    temperature: float,
+    kind: str,
+    top_k: int,
+    output_dtype: str,
 ) -> TaskResult:
-    """Turn one task's logits (batch, classes) into what the request asked for."""
-    scaled = logits.double() / temperature  # float64 so T and the softmax round once, at the end
-    if kind == "probs":
-        values = torch.softmax(scaled, dim=1)
-    elif kind == "log_probs":
-        values = torch.log_softmax(scaled, dim=1)
-    else:
-        values = scaled
+    """Turn one task's logits (batch, classes), per member, into what the request asked for."""
+    values = task_values(members, temperature, kind)
     if top_k == 0:
         return TaskResult(task, kind, _round_dtype(values.float().cpu().numpy(), output_dtype))
     top_values, top_indices = torch.topk(values, top_k, dim=1)  # (batch, k), descending

@@ -43,20 +43,34 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[
-                pb.ModelSummary(name=m.name, model_version=m.model_version, ready=m.ready)
-                for m in self._core.list_models()
-            ]
+            models=[wire.summary_to_pb(m) for m in self._core.list_models()]
         )
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
-            return wire.model_info_to_pb(self._core.model_info(request.model))
+            return wire.model_info_to_pb(
+                self._core.model_info(request.model, request.model_version)
+            )
         except TeacherError as error:
             await _abort(context, error)
             raise  # unreachable: abort raises
+
+    async def ReloadModel(
+        self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ReloadModelResponse:
+        try:
+            result = await self._core.reload(request.model)
+        except TeacherError as error:
+            await _abort(context, error)
+            raise
+        return pb.ReloadModelResponse(
+            model=result.model,
+            versions=[wire.summary_to_pb(v) for v in result.versions],
+            loaded=result.loaded,
+            unloaded=result.unloaded,
+        )
 
     async def _answer(
         self, request: pb.SoftTargetsRequest, timeout: float | None = None

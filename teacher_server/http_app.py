@@ -271,17 +271,21 @@ def create_app(
 
     @app.get("/v1/models", tags=["models"])
     async def list_models() -> dict[str, Any]:
-        return {
-            "models": [
-                {"name": m.name, "model_version": m.model_version, "ready": m.ready}
-                for m in core.list_models()
-            ]
-        }
+        """Every served version of every model (`default_version` marks the one a request without
+        `model_version` gets), and model folders that failed to load (`ready` false, `error`)."""
+        return {"models": [asdict(m) for m in core.list_models()]}
 
     @app.get("/v1/models/{model}", tags=["models"])
-    async def get_model(model: str) -> dict[str, Any]:
-        """Tasks (class names, held-out accuracy), input shape and dtypes, version, hints."""
-        return asdict(core.model_info(model))
+    async def get_model(model: str, model_version: str = "") -> dict[str, Any]:
+        """Tasks (class names, held-out accuracy), input shape and dtypes, version, hints; of the
+        default version, or of `?model_version=sha256:...`."""
+        return asdict(core.model_info(model, model_version))
+
+    @app.post("/v1/models/{model}/reload", tags=["models"])
+    async def reload_model(model: str) -> dict[str, Any]:
+        """Admin: re-read the model's repository folder; new versions load, removed versions
+        finish what they accepted and unload (protected by the bearer token when auth is on)."""
+        return asdict(await core.reload(model))
 
     @app.post(
         "/v1/models/{model}/soft-targets",

@@ -1,13 +1,21 @@
-"""The model repository: a folder per model holding `config.json` and `model.safetensors`.
+"""The model repository: a folder per model, holding one version or a subfolder per version.
 
-`config.json` names the architecture by import path (`package.module:Class`) with its keyword
-arguments, the tasks with their class names, the per-sample input shape and dtype, and the hints
-the architecture exposes. Weights are loaded with safetensors only: nothing is unpickled, and an
-architecture is imported only if its module path starts with one of the operator's allowed
-prefixes (`Settings.allowed_architectures`). Requests never name files or import paths.
+    model_repository/
+      mnist-multitask/                 one current version
+        config.json
+        model.safetensors
+      text-topics/                     several versions, served side by side
+        1/config.json, 1/model.safetensors
+        2/config.json, 2/model.safetensors    <- the default version: the last label in order
+      mnist-ensemble/config.json       an ensemble: members named in the config, no weights
 
-The model version is `sha256:` + the hex digest of the config bytes followed by the weight bytes,
-so any change to either gives a new version.
+`config.json` is described in `teacher_server.model_config`. Weights are loaded with safetensors
+only: nothing is unpickled, and an architecture is imported only if its module path starts with
+one of the operator's allowed prefixes (`Settings.allowed_architectures`). Requests never name
+files or import paths.
+
+The model version is `sha256:` + the hex digest of the config bytes followed by the weight bytes
+(for an ensemble: followed by its members' versions), so any change to either gives a new version.
 """
 
 from __future__ import annotations
@@ -15,149 +23,70 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from teacher_server.model_config import ModelConfig, ModelLoadError, TaskConfig, parse_config
+
+__all__ = ["LoadedModel", "ModelConfig", "ModelLoadError", "TaskConfig", "VersionFolder"]
+
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
-INPUT_DTYPES = ("float32", "int64")
-
-
-class ModelLoadError(Exception):
-    """A model folder that cannot be served; the message names the folder and the fault."""
 
 
 @dataclass(frozen=True)
-class TaskConfig:
-    name: str
-    class_names: tuple[str, ...]
-    test_accuracy: float | None = None
+class VersionFolder:
+    """Where one version of a model lives. `label` is the subfolder name, "" for a single-version
+    model folder."""
 
-
-@dataclass(frozen=True)
-class ModelConfig:
-    name: str
-    architecture: str  # "package.module:Class"
-    kwargs: dict[str, Any]
-    tasks: tuple[TaskConfig, ...]
-    input_shape: tuple[int, ...]  # per sample, without the batch dimension
-    input_dtype: str  # the forward's dtype: "float32" or "int64"
-    uint8_scale: float  # uint8 inputs are multiplied by this (float models only)
-    hints: tuple[str, ...]
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return tuple(task.name for task in self.tasks)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "description": self.description,
-            "architecture": self.architecture,
-            "kwargs": self.kwargs,
-            "tasks": [
-                {"name": t.name, "class_names": list(t.class_names)}
-                | ({"test_accuracy": t.test_accuracy} if t.test_accuracy is not None else {})
-                for t in self.tasks
-            ],
-            "input": {
-                "shape": list(self.input_shape),
-                "dtype": self.input_dtype,
-                "uint8_scale": self.uint8_scale,
-            },
-            "hints": list(self.hints),
-            **self.extra,
-        }
-
-
-def parse_config(raw: Any, where: str) -> ModelConfig:
-    """Validate a decoded config.json; `ModelLoadError` names the bad field."""
-
-    def fail(field_name: str, problem: str) -> ModelLoadError:
-        return ModelLoadError(f"{where}: config field {field_name!r} {problem}")
-
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{where}: config must be a JSON object")
-    known = {"name", "description", "architecture", "kwargs", "tasks", "input", "hints"}
-    name = raw.get("name")
-    if not isinstance(name, str) or not name:
-        raise fail("name", "must be a non-empty string")
-    architecture = raw.get("architecture")
-    if not isinstance(architecture, str) or ":" not in architecture:
-        raise fail("architecture", f"must be 'package.module:Class', got {architecture!r}")
-    kwargs = raw.get("kwargs", {})
-    if not isinstance(kwargs, dict):
-        raise fail("kwargs", "must be an object")
-    tasks_raw = raw.get("tasks")
-    if not isinstance(tasks_raw, list) or not tasks_raw:
-        raise fail("tasks", "must be a non-empty list")
-    tasks = []
-    for i, task in enumerate(tasks_raw):
-        if not isinstance(task, dict) or not isinstance(task.get("name"), str):
-            raise fail(f"tasks[{i}].name", "must be a string")
-        classes = task.get("class_names")
-        if not isinstance(classes, list) or len(classes) < 2:
-            raise fail(f"tasks[{i}].class_names", "must list at least 2 class names")
-        accuracy = task.get("test_accuracy")
-        if accuracy is not None and not isinstance(accuracy, (int, float)):
-            raise fail(f"tasks[{i}].test_accuracy", "must be a number")
-        tasks.append(TaskConfig(task["name"], tuple(str(c) for c in classes), accuracy))
-    if len({t.name for t in tasks}) != len(tasks):
-        raise fail("tasks", "has duplicate task names")
-    spec = raw.get("input")
-    if not isinstance(spec, dict):
-        raise fail("input", "must be an object with 'shape' and 'dtype'")
-    shape = spec.get("shape")
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(d, int) and d > 0 for d in shape)
-    ):
-        raise fail("input.shape", f"must be a list of positive integers, got {shape!r}")
-    dtype = spec.get("dtype", "float32")
-    if dtype not in INPUT_DTYPES:
-        raise fail("input.dtype", f"must be one of {list(INPUT_DTYPES)}, got {dtype!r}")
-    scale = spec.get("uint8_scale", 1.0)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise fail("input.uint8_scale", f"must be a finite number, got {scale!r}")
-    hints = raw.get("hints", [])
-    if not isinstance(hints, list) or not all(isinstance(h, str) for h in hints):
-        raise fail("hints", "must be a list of names")
-    return ModelConfig(
-        name=name,
-        architecture=architecture,
-        kwargs=kwargs,
-        tasks=tuple(tasks),
-        input_shape=tuple(shape),
-        input_dtype=dtype,
-        uint8_scale=float(scale),
-        hints=tuple(hints),
-        description=str(raw.get("description", "")),
-        extra={k: v for k, v in raw.items() if k not in known},
-    )
+    model: str
+    label: str
+    path: Path
 
 
 @dataclass(frozen=True)
 class LoadedModel:
-    """A model ready to run: its config, its module (eval mode, on `device`) and its version.
-    `forward_features` and `heads` are the module's backbone and per-task heads, checked at load."""
+    """A model version ready to run (eval mode, on `device`). A plain model has `module`,
+    `forward_features` (the backbone) and `heads` (checked at load); an ensemble has `members`."""
 
     config: ModelConfig
-    module: nn.Module
-    forward_features: Callable[[torch.Tensor], dict[str, torch.Tensor]]
-    heads: nn.ModuleDict
+    label: str
     version: str
     device: torch.device
+    module: nn.Module | None = None
+    forward_features: Callable[[torch.Tensor], dict[str, torch.Tensor]] | None = None
+    heads: nn.ModuleDict | None = None
+    members: tuple[LoadedModel, ...] = ()
+
+
+def _label_key(label: str) -> tuple[int, int | str]:
+    return (0, int(label)) if label.isdigit() else (1, label)
+
+
+def scan_repository(root: Path) -> dict[str, list[VersionFolder]]:
+    """Model name -> its version folders, oldest first (numeric labels in numeric order). A folder
+    that holds neither a config.json nor versions with one is skipped."""
+    models: dict[str, list[VersionFolder]] = {}
+    if not root.is_dir():
+        return models
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (folder / CONFIG_FILE).is_file():
+            models[folder.name] = [VersionFolder(folder.name, "", folder)]
+            continue
+        versions = [
+            VersionFolder(folder.name, sub.name, sub)
+            for sub in folder.iterdir()
+            if sub.is_dir() and (sub / CONFIG_FILE).is_file()
+        ]
+        if versions:
+            models[folder.name] = sorted(versions, key=lambda v: _label_key(v.label))
+    return models
 
 
 def import_architecture(path: str, allowed_prefixes: tuple[str, ...]) -> type[nn.Module]:
@@ -177,32 +106,46 @@ def import_architecture(path: str, allowed_prefixes: tuple[str, ...]) -> type[nn
     return cls
 
 
-def load_model(
-    folder: Path, device: torch.device, allowed_prefixes: tuple[str, ...]
-) -> LoadedModel:
-    """Load one model folder. Raises `ModelLoadError` with a message naming the folder and fault."""
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise ModelLoadError(f"{folder}: missing {path.name}")
+def read_config(folder: VersionFolder) -> tuple[ModelConfig, bytes]:
+    config_path = folder.path / CONFIG_FILE
     config_bytes = config_path.read_bytes()
-    weights_bytes = weights_path.read_bytes()
     try:
         raw = json.loads(config_bytes)
     except ValueError as error:
         raise ModelLoadError(f"{config_path}: not valid JSON: {error}") from error
     config = parse_config(raw, str(config_path))
+    if config.name != folder.model:
+        raise ModelLoadError(
+            f"{config_path}: config name {config.name!r} does not match its folder {folder.model!r}"
+        )
+    return config, config_bytes
+
+
+def load_version(
+    folder: VersionFolder,
+    device: torch.device,
+    allowed_prefixes: tuple[str, ...],
+    member: Callable[[str], LoadedModel] | None = None,
+) -> LoadedModel:
+    """Load one version folder. `member(name)` gives an ensemble's loaded members. Raises
+    `ModelLoadError` with a message naming the folder and the fault."""
+    config, config_bytes = read_config(folder)
+    if config.is_ensemble:
+        return _load_ensemble(folder, config, config_bytes, device, member)
+    weights_path = folder.path / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelLoadError(f"{folder.path}: missing {WEIGHTS_FILE}")
+    weights_bytes = weights_path.read_bytes()
     cls = import_architecture(config.architecture, allowed_prefixes)
     tasks = {t.name: len(t.class_names) for t in config.tasks}
     try:
         module = cls(tasks=tasks, **config.kwargs)
     except TypeError as error:
         raise ModelLoadError(
-            f"{config_path}: kwargs do not fit {config.architecture}: {error}"
+            f"{folder.path / CONFIG_FILE}: kwargs do not fit {config.architecture}: {error}"
         ) from error
     try:
-        state = load_safetensors(weights_bytes)
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(load_safetensors(weights_bytes), strict=True)
     except (RuntimeError, ValueError) as error:
         raise ModelLoadError(f"{weights_path}: weights do not match the config: {error}") from error
     forward_features = getattr(module, "forward_features", None)
@@ -215,19 +158,55 @@ def load_model(
         )
     module.to(device).eval()
     version = "sha256:" + hashlib.sha256(config_bytes + weights_bytes).hexdigest()
-    return LoadedModel(config, module, forward_features, heads, version, device)
+    return LoadedModel(config, folder.label, version, device, module, forward_features, heads)
+
+
+def _load_ensemble(
+    folder: VersionFolder,
+    config: ModelConfig,
+    config_bytes: bytes,
+    device: torch.device,
+    member: Callable[[str], LoadedModel] | None,
+) -> LoadedModel:
+    if member is None:
+        raise ModelLoadError(f"{folder.path}: an ensemble needs its members loaded first")
+    members = []
+    for name in config.members:
+        try:
+            loaded = member(name)
+        except KeyError:
+            raise ModelLoadError(
+                f"{folder.path}: ensemble member {name!r} is not a served model"
+            ) from None
+        if _signature(loaded.config) != _signature(config):
+            raise ModelLoadError(
+                f"{folder.path}: ensemble tasks and input {_signature(config)} differ from member "
+                f"{name!r}'s {_signature(loaded.config)}"
+            )
+        members.append(loaded)
+    digest = hashlib.sha256(config_bytes + "".join(m.version for m in members).encode())
+    return LoadedModel(
+        config, folder.label, "sha256:" + digest.hexdigest(), device, members=tuple(members)
+    )
+
+
+def _signature(config: ModelConfig) -> tuple[object, ...]:
+    """What an ensemble and its members must share: tasks with class names, input shape, dtype."""
+    tasks = tuple((t.name, t.class_names) for t in config.tasks)
+    return tasks, config.input_shape, config.input_dtype
 
 
 def save_model(folder: Path, config: ModelConfig, module: nn.Module) -> None:
-    """Write `config.json` and `model.safetensors` into `folder` (created if needed)."""
+    """Write `config.json` and `model.safetensors` into `folder` (created if needed): a model
+    version the repository can load."""
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE))
     (folder / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n")
 
 
-def model_folders(root: Path) -> list[Path]:
-    """The model folders directly under `root` (those holding a config.json), sorted by name."""
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if (p / CONFIG_FILE).is_file())
+def load_model(
+    folder: Path, device: torch.device, allowed_prefixes: tuple[str, ...]
+) -> LoadedModel:
+    """Load a single plain model version folder (tests, benchmarks, tools)."""
+    return load_version(VersionFolder(folder.name, "", folder), device, allowed_prefixes)

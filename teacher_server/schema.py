@@ -92,3 +92,5 @@ class ModelInfo:
     description: str
     parameter_count: int
     ready: bool
+    max_value: int | None = None  # token models: ids must be < max_value
+    members: tuple[str, ...] = ()  # ensembles: member model names

@@ -56,7 +56,8 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Loads the repository (training the default teacher if absent)
     unless a `core` is given."""
     if core is None:
-        core = await asyncio.to_thread(TeacherCore.from_repository, settings)
+        core = TeacherCore(settings)
+        await asyncio.to_thread(core.load)
     await core.start()
 
     options = [

@@ -25,6 +25,11 @@ class Settings(BaseSettings):
     train_default_if_missing: bool = Field(
         True, description="train the default MNIST teacher into the repository if it has no model"
     )
+    repository_poll_s: float = Field(
+        0.0,
+        ge=0,
+        description="re-scan the repository every N seconds and reload changed models; 0: off",
+    )
     allowed_architectures: tuple[str, ...] = Field(
         ("teacher_server.models.",),
         description="import-path prefixes a config.json may name as its architecture",

@@ -107,6 +107,15 @@ def _validate_inputs(request: SoftTargetsRequest, info: ModelInfo) -> np.ndarray
             f"inputs.shape: batch of {batch} is above the maximum of {info.max_batch_size}; split it",
             "inputs.shape",
         )
+    if inputs.dtype.kind in "iu" and info.max_value is not None and inputs.size:
+        bad = (inputs < 0) | (inputs >= info.max_value)
+        if bad.any():
+            position = [int(i) for i in np.argwhere(bad)[0]]
+            raise InvalidArgument(
+                f"inputs: token id {int(inputs[tuple(position)])} at index {position} is outside "
+                f"[0, {info.max_value}) for model {info.name!r}",
+                "inputs",
+            )
     if inputs.dtype.kind == "f":
         finite = np.isfinite(inputs)
         if not finite.all():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from protocol import codec
 from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
+from teacher_server.core import VersionSummary
 from teacher_server.schema import ModelInfo, SoftTargets, SoftTargetsRequest
 
 _KIND_FROM_PB = {
@@ -71,6 +72,17 @@ def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
         temperature=result.temperature,
         outputs=outputs,
         hints=[pb.NamedTensor(name=n, tensor=codec.encode(v)) for n, v in result.hints.items()],
+    )
+
+
+def summary_to_pb(summary: VersionSummary) -> pb.ModelSummary:
+    return pb.ModelSummary(
+        name=summary.name,
+        model_version=summary.model_version,
+        ready=summary.ready,
+        default_version=summary.default_version,
+        error=summary.error,
+        label=summary.label,
     )
 
 

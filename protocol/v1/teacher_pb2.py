@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protocol/v1/teacher.proto\x12\ndistill.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.distill.v1.ModelSummary\"B\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"[\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x1a\n\rtest_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_test_accuracy\"\'\n\x08HintInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xca\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.distill.v1.TaskInfo\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12)\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x14.distill.v1.DataType\x12\x33\n\x15\x61\x63\x63\x65pted_input_dtypes\x18\x06 \x03(\x0e\x32\x14.distill.v1.DataType\x12\x13\n\x0buint8_scale\x18\x07 \x01(\x01\x12#\n\x05hints\x18\x08 \x03(\x0b\x32\x14.distill.v1.HintInfo\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x03\"\x9b\x02\n\x12SoftTargetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06output\x18\x05 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06inputs\x18\x06 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x10\n\x08\x62\x61tch_id\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12*\n\x0coutput_dtype\x18\t \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05hints\x18\n \x03(\tB\x0e\n\x0c_temperature\"\xb0\x01\n\nTaskOutput\x12\x0c\n\x04task\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07indices\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\x12%\n\ttail_mass\x18\x05 \x01(\x0b\x32\x12.distill.v1.Tensor\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.distill.v1.Tensor\"\xb3\x01\n\x13SoftTargetsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.distill.v1.TaskOutput\x12&\n\x05hints\x18\x06 \x03(\x0b\x32\x17.distill.v1.NamedTensor\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x94\x01\n\x19StreamSoftTargetsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x0csoft_targets\x18\x02 \x01(\x0b\x32\x1f.distill.v1.SoftTargetsResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.distill.v1.ErrorH\x00\x42\x08\n\x06result*{\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\x0b\n\x07\x46LOAT64\x10\x07*O\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x12\n\n\x06LOGITS\x10\x03\x32\xd8\x02\n\x0eTeacherService\x12K\n\nListModels\x12\x1d.distill.v1.ListModelsRequest\x1a\x1e.distill.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.distill.v1.GetModelInfoRequest\x1a\x15.distill.v1.ModelInfo\x12Q\n\x0eGetSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a\x1f.distill.v1.SoftTargetsResponse\x12^\n\x11StreamSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a%.distill.v1.StreamSoftTargetsResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protocol/v1/teacher.proto\x12\ndistill.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.distill.v1.ModelSummary\"y\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05label\x18\x06 \x01(\t\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"r\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.distill.v1.ModelSummary\x12\x0e\n\x06loaded\x18\x03 \x03(\t\x12\x10\n\x08unloaded\x18\x04 \x03(\t\"[\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x1a\n\rtest_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_test_accuracy\"\'\n\x08HintInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xca\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.distill.v1.TaskInfo\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12)\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x14.distill.v1.DataType\x12\x33\n\x15\x61\x63\x63\x65pted_input_dtypes\x18\x06 \x03(\x0e\x32\x14.distill.v1.DataType\x12\x13\n\x0buint8_scale\x18\x07 \x01(\x01\x12#\n\x05hints\x18\x08 \x03(\x0b\x32\x14.distill.v1.HintInfo\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x03\"\x9b\x02\n\x12SoftTargetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06output\x18\x05 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06inputs\x18\x06 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x10\n\x08\x62\x61tch_id\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12*\n\x0coutput_dtype\x18\t \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05hints\x18\n \x03(\tB\x0e\n\x0c_temperature\"\xb0\x01\n\nTaskOutput\x12\x0c\n\x04task\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07indices\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\x12%\n\ttail_mass\x18\x05 \x01(\x0b\x32\x12.distill.v1.Tensor\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.distill.v1.Tensor\"\xb3\x01\n\x13SoftTargetsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.distill.v1.TaskOutput\x12&\n\x05hints\x18\x06 \x03(\x0b\x32\x17.distill.v1.NamedTensor\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x94\x01\n\x19StreamSoftTargetsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x0csoft_targets\x18\x02 \x01(\x0b\x32\x1f.distill.v1.SoftTargetsResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.distill.v1.ErrorH\x00\x42\x08\n\x06result*{\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\x0b\n\x07\x46LOAT64\x10\x07*O\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x12\n\n\x06LOGITS\x10\x03\x32\xa8\x03\n\x0eTeacherService\x12K\n\nListModels\x12\x1d.distill.v1.ListModelsRequest\x1a\x1e.distill.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.distill.v1.GetModelInfoRequest\x1a\x15.distill.v1.ModelInfo\x12Q\n\x0eGetSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a\x1f.distill.v1.SoftTargetsResponse\x12^\n\x11StreamSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a%.distill.v1.StreamSoftTargetsResponse(\x01\x30\x01\x12N\n\x0bReloadModel\x12\x1e.distill.v1.ReloadModelRequest\x1a\x1f.distill.v1.ReloadModelResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1693
-  _globals['_DATATYPE']._serialized_end=1816
-  _globals['_OUTPUTKIND']._serialized_start=1818
-  _globals['_OUTPUTKIND']._serialized_end=1897
+  _globals['_DATATYPE']._serialized_start=1924
+  _globals['_DATATYPE']._serialized_end=2047
+  _globals['_OUTPUTKIND']._serialized_start=2049
+  _globals['_OUTPUTKIND']._serialized_end=2128
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=115
   _globals['_LISTMODELSREQUEST']._serialized_start=117
@@ -42,27 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=138
   _globals['_LISTMODELSRESPONSE']._serialized_end=200
   _globals['_MODELSUMMARY']._serialized_start=202
-  _globals['_MODELSUMMARY']._serialized_end=268
-  _globals['_GETMODELINFOREQUEST']._serialized_start=270
-  _globals['_GETMODELINFOREQUEST']._serialized_end=306
-  _globals['_TASKINFO']._serialized_start=308
-  _globals['_TASKINFO']._serialized_end=399
-  _globals['_HINTINFO']._serialized_start=401
-  _globals['_HINTINFO']._serialized_end=440
-  _globals['_MODELINFO']._serialized_start=443
-  _globals['_MODELINFO']._serialized_end=773
-  _globals['_SOFTTARGETSREQUEST']._serialized_start=776
-  _globals['_SOFTTARGETSREQUEST']._serialized_end=1059
-  _globals['_TASKOUTPUT']._serialized_start=1062
-  _globals['_TASKOUTPUT']._serialized_end=1238
-  _globals['_NAMEDTENSOR']._serialized_start=1240
-  _globals['_NAMEDTENSOR']._serialized_end=1303
-  _globals['_SOFTTARGETSRESPONSE']._serialized_start=1306
-  _globals['_SOFTTARGETSRESPONSE']._serialized_end=1485
-  _globals['_ERROR']._serialized_start=1487
-  _globals['_ERROR']._serialized_end=1540
-  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_start=1543
-  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_end=1691
-  _globals['_TEACHERSERVICE']._serialized_start=1900
-  _globals['_TEACHERSERVICE']._serialized_end=2244
+  _globals['_MODELSUMMARY']._serialized_end=323
+  _globals['_GETMODELINFOREQUEST']._serialized_start=325
+  _globals['_GETMODELINFOREQUEST']._serialized_end=384
+  _globals['_RELOADMODELREQUEST']._serialized_start=386
+  _globals['_RELOADMODELREQUEST']._serialized_end=421
+  _globals['_RELOADMODELRESPONSE']._serialized_start=423
+  _globals['_RELOADMODELRESPONSE']._serialized_end=537
+  _globals['_TASKINFO']._serialized_start=539
+  _globals['_TASKINFO']._serialized_end=630
+  _globals['_HINTINFO']._serialized_start=632
+  _globals['_HINTINFO']._serialized_end=671
+  _globals['_MODELINFO']._serialized_start=674
+  _globals['_MODELINFO']._serialized_end=1004
+  _globals['_SOFTTARGETSREQUEST']._serialized_start=1007
+  _globals['_SOFTTARGETSREQUEST']._serialized_end=1290
+  _globals['_TASKOUTPUT']._serialized_start=1293
+  _globals['_TASKOUTPUT']._serialized_end=1469
+  _globals['_NAMEDTENSOR']._serialized_start=1471
+  _globals['_NAMEDTENSOR']._serialized_end=1534
+  _globals['_SOFTTARGETSRESPONSE']._serialized_start=1537
+  _globals['_SOFTTARGETSRESPONSE']._serialized_end=1716
+  _globals['_ERROR']._serialized_start=1718
+  _globals['_ERROR']._serialized_end=1771
+  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_start=1774
+  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_end=1922
+  _globals['_TEACHERSERVICE']._serialized_start=2131
+  _globals['_TEACHERSERVICE']._serialized_end=2555
 # @@protoc_insertion_point(module_scope)

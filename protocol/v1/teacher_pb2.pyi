@@ -58,20 +58,46 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ...) -> None: ...
 
 class ModelSummary(_message.Message):
-    __slots__ = ("name", "model_version", "ready")
+    __slots__ = ("name", "model_version", "ready", "default_version", "error", "label")
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     READY_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_version: str
     ready: bool
-    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., ready: _Optional[bool] = ...) -> None: ...
+    default_version: bool
+    error: str
+    label: str
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., ready: _Optional[bool] = ..., default_version: _Optional[bool] = ..., error: _Optional[str] = ..., label: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class ReloadModelRequest(_message.Message):
     __slots__ = ("model",)
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: str
     def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class ReloadModelResponse(_message.Message):
+    __slots__ = ("model", "versions", "loaded", "unloaded")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    versions: _containers.RepeatedCompositeFieldContainer[ModelSummary]
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    unloaded: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., loaded: _Optional[_Iterable[str]] = ..., unloaded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
     __slots__ = ("name", "class_names", "test_accuracy")

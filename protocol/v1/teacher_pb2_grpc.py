@@ -54,6 +54,11 @@ class TeacherServiceStub:
                 request_serializer=protocol_dot_v1_dot_teacher__pb2.SoftTargetsRequest.SerializeToString,
                 response_deserializer=protocol_dot_v1_dot_teacher__pb2.StreamSoftTargetsResponse.FromString,
                 _registered_method=True)
+        self.ReloadModel = channel.unary_unary(
+                '/distill.v1.TeacherService/ReloadModel',
+                request_serializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.SerializeToString,
+                response_deserializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -86,6 +91,14 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadModel(self, request, context):
+        """Admin: re-read a model's repository folder; new versions are loaded, versions no longer
+        present are drained (requests already accepted finish on them) and unloaded.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +121,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.StreamSoftTargets,
                     request_deserializer=protocol_dot_v1_dot_teacher__pb2.SoftTargetsRequest.FromString,
                     response_serializer=protocol_dot_v1_dot_teacher__pb2.StreamSoftTargetsResponse.SerializeToString,
+            ),
+            'ReloadModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModel,
+                    request_deserializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.FromString,
+                    response_serializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +236,33 @@ class TeacherService:
             '/distill.v1.TeacherService/StreamSoftTargets',
             protocol_dot_v1_dot_teacher__pb2.SoftTargetsRequest.SerializeToString,
             protocol_dot_v1_dot_teacher__pb2.StreamSoftTargetsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distill.v1.TeacherService/ReloadModel',
+            protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.SerializeToString,
+            protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

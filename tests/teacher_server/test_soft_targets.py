@@ -149,8 +149,18 @@ def test_list_models(stub: pb_grpc.TeacherServiceStub, http: httpx.Client) -> No
     assert len(model.model_version) == len("sha256:") + 64
     listed = http.get("/v1/models")
     assert listed.status_code == 200
+    assert model.default_version and not model.error and model.label == ""
     assert listed.json() == {
-        "models": [{"name": MODEL, "model_version": model.model_version, "ready": True}]
+        "models": [
+            {
+                "name": MODEL,
+                "model_version": model.model_version,
+                "ready": True,
+                "default_version": True,
+                "error": "",
+                "label": "",
+            }
+        ]
     }
 
 
