@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,9 +40,9 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
-        on_forward: Callable[[int, int], None] | None = None,
+        on_forward: Callable[[int, int, float], None] | None = None,
     ) -> None:
-        """`on_forward(requests, samples)` is called after each forward (for metrics and tests)."""
+        """`on_forward(requests, samples, seconds)` is called after each forward (metrics)."""
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_queue_delay = max_queue_delay_ms / 1000.0
@@ -145,6 +146,7 @@ class DynamicBatcher:
 
     async def _forward(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
+        started = time.perf_counter()
         try:
             results = await loop.run_in_executor(
                 self._executor, self.engine.run, [item.request for item in batch]
@@ -158,7 +160,8 @@ class DynamicBatcher:
         self.forwards += 1
         self.requests_forwarded += len(batch)
         if self._on_forward is not None:
-            self._on_forward(len(batch), sum(item.request.batch_size for item in batch))
+            samples = sum(item.request.batch_size for item in batch)
+            self._on_forward(len(batch), samples, time.perf_counter() - started)
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)

@@ -31,6 +31,77 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _add_package_parser(commands: Any) -> None:
+    package = commands.add_parser(
+        "package",
+        help="package trained weights as a model version of the repository",
+        description="Build ARCHITECTURE(tasks=..., **KWARGS), load WEIGHTS into it, check it, and "
+        "write config.json + model.safetensors into OUT (model_repository/NAME or "
+        "model_repository/NAME/VERSION); prints the model version. See docs/model-repository.md.",
+    )
+    package.add_argument("--architecture", required=True, help="import path, pkg.module:Class")
+    package.add_argument("--kwargs", default="{}", help="constructor arguments as a JSON object")
+    package.add_argument(
+        "--weights", type=Path, required=True, help=".safetensors, or .pt/.pth state dict"
+    )
+    package.add_argument(
+        "--task",
+        action="append",
+        required=True,
+        metavar="NAME=CLASS,CLASS,...",
+        help="a task and its class names, in head output order (repeat per task)",
+    )
+    package.add_argument("--input-shape", required=True, help="per-sample shape, e.g. 1,28,28")
+    package.add_argument("--input-dtype", default="float32", choices=["float32", "int64"])
+    package.add_argument("--uint8-scale", type=float, default=1.0, help="uint8 inputs x this")
+    package.add_argument(
+        "--hint", action="append", default=[], help="a forward_features() entry to serve"
+    )
+    package.add_argument("--max-value", type=int, help="token models: ids must be below this")
+    package.add_argument("--description", default="")
+    package.add_argument(
+        "--out", type=Path, required=True, help="model_repository/NAME or model_repository/NAME/N"
+    )
+    package.add_argument(
+        "--name", help="model name (default: the model folder's name, NAME in --out)"
+    )
+    package.add_argument(
+        "--allow-architecture-prefix",
+        action="append",
+        default=[],
+        help="also allow architectures under this import prefix (besides "
+        "TEACHER_ALLOWED_ARCHITECTURES or its default teacher_server.models.)",
+    )
+    package.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+
+def _package(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from teacher_server.model_config import ModelLoadError
+    from teacher_server.package import package_command
+
+    try:
+        version = package_command(
+            architecture=args.architecture,
+            kwargs_json=args.kwargs,
+            weights=args.weights,
+            tasks=args.task,
+            input_shape=args.input_shape,
+            out=args.out,
+            input_dtype=args.input_dtype,
+            uint8_scale=args.uint8_scale,
+            hints=args.hint,
+            max_value=args.max_value,
+            description=args.description,
+            name=args.name,
+            allow_architecture_prefixes=args.allow_architecture_prefix,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, ModelLoadError, OSError) as error:
+        parser.exit(2, f"teacher-server package: error: {error}\n")
+    print(version)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="teacher-server", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     train_parser.add_argument("--out", type=Path, default=Path("model_repository/mnist-multitask"))
     train_parser.add_argument("--epochs", type=int, default=12)
+    _add_package_parser(commands)
     args = parser.parse_args(argv)
 
     if args.command == "serve":
@@ -52,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         from teacher_server.server import serve
 
         asyncio.run(serve(settings))
+    elif args.command == "package":
+        _package(parser, args)
     else:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from teacher_server.default_teacher import train_default_teacher

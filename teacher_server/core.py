@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
-from protocol.errors import FailedPrecondition, NotFound, Unavailable
+from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.default_teacher import DEFAULT_MODEL_NAME, train_default_teacher
 from teacher_server.engine import Engine, accepted_input_dtypes
+from teacher_server.metrics import Metrics
 from teacher_server.model_config import ModelLoadError
 from teacher_server.repository import (
     LoadedModel,
@@ -111,17 +113,33 @@ class TeacherCore:
         self._reload_lock = asyncio.Lock()
         self._poll_task: asyncio.Task[None] | None = None
         self._draining: set[asyncio.Task[None]] = set()  # old versions finishing after a reload
+        self.metrics = Metrics()
+        self.metrics.watch_queues(self._queue_depths)
 
     # ---- loading -------------------------------------------------------------------------
 
     def _serve(self, loaded: LoadedModel) -> ServedVersion:
-        engine = Engine(loaded)
+        name, metrics = loaded.config.name, self.metrics
+        try:
+            engine = Engine(loaded)  # runs a zero sample through the model if it has hints
+        except ModelLoadError:
+            raise
+        except Exception as error:  # e.g. the config's input shape does not fit the architecture
+            raise ModelLoadError(
+                f"model {loaded.config.name!r}: a forward of a zero input of shape "
+                f"{list(loaded.config.input_shape)} failed: {error!r}"
+            ) from error
+        engine.on_distribution = lambda task, probs: metrics.observe_distribution(name, task, probs)
         batcher = DynamicBatcher(
             engine,
             self.settings.max_batch_size,
             self.settings.max_queue_delay_ms,
             self.settings.max_queue_size,
+            on_forward=lambda requests, samples, seconds: metrics.observe_forward(
+                name, requests, samples, seconds
+            ),
         )
+        metrics.model_loads.labels(name, "ok").inc()
         info = model_info(loaded, engine, self.settings.max_batch_size)
         accuracy = ", ".join(
             f"{t.name} {t.test_accuracy:.4f}" for t in info.tasks if t.test_accuracy is not None
@@ -190,6 +208,7 @@ class TeacherCore:
             versions = self._load_model(name, folders)
         except (ModelLoadError, OSError) as error:
             self.failures[name] = str(error)
+            self.metrics.model_loads.labels(name, "error").inc()
             log.error("model %s not served: %s", name, error)
             return
         self.models[name] = ServedModel(versions, default=next(reversed(versions)))
@@ -223,7 +242,14 @@ class TeacherCore:
         Ensembles that use `name` are reloaded after it. Raises `NotFound` if the repository has
         no such folder, `FailedPrecondition` if it fails to load (the old versions keep serving)."""
         async with self._reload_lock:
-            result = await self._reload_one(name)
+            try:
+                result = await self._reload_one(name)
+            except TeacherError:
+                self.metrics.model_reloads.labels(
+                    name if name in self.models else "unknown", "error"
+                ).inc()
+                raise
+            self.metrics.model_reloads.labels(name, "ok").inc()
             for other, served in list(self.models.items()):
                 members = {m for v in served.versions.values() for m in v.loaded.config.members}
                 if name in members:
@@ -281,6 +307,12 @@ class TeacherCore:
 
     # ---- queries -------------------------------------------------------------------------
 
+    def _queue_depths(self) -> dict[str, int]:
+        return {
+            name: sum(v.batcher.queue_depth for v in served.versions.values())
+            for name, served in self.models.items()
+        }
+
     def _summaries(self, name: str) -> list[VersionSummary]:
         served = self.models.get(name)
         if served is None:
@@ -324,13 +356,25 @@ class TeacherCore:
         return served.versions[model_version]
 
     async def soft_targets(
-        self, request: SoftTargetsRequest, timeout: float | None = None
+        self, request: SoftTargetsRequest, timeout: float | None = None, transport: str = "grpc"
     ) -> SoftTargets:
         """Validate, batch with other requests, forward, and return this request's soft targets.
         `timeout` (seconds, e.g. the client's gRPC deadline) is capped by `request_timeout_s`."""
-        if not self.ready:
-            raise Unavailable("server is not ready (starting or shutting down)")
-        served = self._resolve(request.model, request.model_version)
-        limit = self.settings.request_timeout_s
-        timeout = limit if timeout is None else max(0.0, min(timeout, limit))
-        return await served.batcher.submit(validate(request, served.info), timeout)
+        started = time.perf_counter()
+        # Label by model only for served names: a bad client must not grow the label set.
+        model = request.model if request.model in self.models else "unknown"
+        try:
+            if not self.ready:
+                raise Unavailable("server is not ready (starting or shutting down)")
+            served = self._resolve(request.model, request.model_version)
+            limit = self.settings.request_timeout_s
+            timeout = limit if timeout is None else max(0.0, min(timeout, limit))
+            validated = validate(request, served.info)
+            result = await served.batcher.submit(validated, timeout)
+        except TeacherError as error:
+            self.metrics.record_request(transport, model, error.code, time.perf_counter() - started)
+            raise
+        self.metrics.record_request(
+            transport, model, "OK", time.perf_counter() - started, validated.tasks
+        )
+        return result

@@ -12,6 +12,7 @@ worker per engine). Results are split back per request in the order given.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ class Engine:
         self.config = loaded.config
         self.device = loaded.device
         self.hint_shapes = self._probe_hint_shapes()
+        # Called from the worker thread with (task, probabilities (batch, classes) float64) of
+        # every request, for telemetry.
+        self.on_distribution: Callable[[str, np.ndarray], None] | None = None
 
     def _model_inputs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """The requests' inputs as one tensor of the model's dtype on the device, (batch,
@@ -91,17 +95,15 @@ class Engine:
         for item in batch:
             end = start + item.batch_size
             request = item.request
-            outputs = tuple(
-                shape_output(
-                    task,
-                    [logits[task][start:end] for logits in member_logits],
-                    request.temperature,
-                    request.output,
-                    request.top_k,
-                    request.output_dtype,
+            outputs = []
+            for task in item.tasks:
+                members = [logits[task][start:end] for logits in member_logits]
+                values = task_values(members, request.temperature, request.output)
+                if self.on_distribution is not None:
+                    self.on_distribution(task, probabilities(values, request.output))
+                outputs.append(
+                    shape_values(task, values, request.output, request.top_k, request.output_dtype)
                 )
-                for task in item.tasks
-            )
             results.append(
                 SoftTargets(
                     model=self.config.name,
@@ -109,7 +111,7 @@ class Engine:
                     batch_id=request.batch_id,
                     temperature=request.temperature,
                     output_dtype=request.output_dtype,
-                    outputs=outputs,
+                    outputs=tuple(outputs),
                     hints={
                         name: features[name][start:end].float().cpu().numpy()
                         for name in request.hints
@@ -146,16 +148,21 @@ def task_values(members: list[torch.Tensor], temperature: float, kind: str) -> t
     return mean_log_probs if kind == "log_probs" else mean_log_probs.exp()
 
 
-def shape_output(
-    task: str,
-    members: list[torch.Tensor],
-    temperature: float,
-    kind: str,
-    top_k: int,
-    output_dtype: str,
+def probabilities(values: torch.Tensor, kind: str) -> np.ndarray:
+    """The probabilities (batch, classes) behind `task_values` output of `kind`."""
+    if kind == "probs":
+        probs = values
+    elif kind == "log_probs":
+        probs = values.exp()
+    else:
+        probs = torch.softmax(values, dim=1)
+    return probs.cpu().numpy()
+
+
+def shape_values(
+    task: str, values: torch.Tensor, kind: str, top_k: int, output_dtype: str
 ) -> TaskResult:
-    """Turn one task's logits (batch, classes), per member, into what the request asked for."""
-    values = task_values(members, temperature, kind)
+    """One task's values (batch, classes) as the request asked: dense or top-k, in its dtype."""
     if top_k == 0:
         return TaskResult(task, kind, _round_dtype(values.float().cpu().numpy(), output_dtype))
     top_values, top_indices = torch.topk(values, top_k, dim=1)  # (batch, k), descending

@@ -73,16 +73,19 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         )
 
     async def _answer(
-        self, request: pb.SoftTargetsRequest, timeout: float | None = None
+        self, request: pb.SoftTargetsRequest, timeout: float | None, transport: str
     ) -> pb.SoftTargetsResponse:
         query = wire.request_from_pb(request, self._max_elements)
-        return wire.response_to_pb(await self._core.soft_targets(query, timeout))
+        result = await self._core.soft_targets(query, timeout, transport)
+        response = wire.response_to_pb(result)
+        self._core.metrics.record_bytes(transport, request.ByteSize(), response.ByteSize())
+        return response
 
     async def GetSoftTargets(
         self, request: pb.SoftTargetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SoftTargetsResponse:
         try:
-            return await self._answer(request, context.time_remaining())
+            return await self._answer(request, context.time_remaining(), "grpc")
         except TeacherError as error:
             await _abort(context, error)
             raise
@@ -99,7 +102,8 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         async def answer_one(request: pb.SoftTargetsRequest) -> None:
             try:
                 message = pb.StreamSoftTargetsResponse(
-                    batch_id=request.batch_id, soft_targets=await self._answer(request)
+                    batch_id=request.batch_id,
+                    soft_targets=await self._answer(request, None, "grpc-stream"),
                 )
             except TeacherError as error:
                 message = _stream_error(request.batch_id, error)

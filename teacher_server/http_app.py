@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,6 +25,7 @@ from protocol.errors import InvalidArgument, MessageTooLarge, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from teacher_server import wire
 from teacher_server.core import TeacherCore
+from teacher_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from teacher_server.schema import SoftTargets, SoftTargetsRequest
 from teacher_server.security import HttpTokenMiddleware
 from teacher_server.v2_http import create_v2_router
@@ -269,6 +270,11 @@ def create_app(
         ready = core.ready
         return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics (see docs/operations.md)."""
+        return Response(core.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/v1/models", tags=["models"])
     async def list_models() -> dict[str, Any]:
         """Every served version of every model (`default_version` marks the one a request without
@@ -298,16 +304,21 @@ def create_app(
         raw = await _read_body(request, max_message_bytes)
         if _is_protobuf(request):
             query = _request_from_protobuf(model, raw, max_message_bytes)
-            result = await core.soft_targets(query, _timeout(request))
-            return Response(wire.response_to_pb(result).SerializeToString(), media_type=PROTOBUF)
+            result = await core.soft_targets(query, _timeout(request), "http-protobuf")
+            body = wire.response_to_pb(result).SerializeToString()
+            core.metrics.record_bytes("http-protobuf", len(raw), len(body))
+            return Response(body, media_type=PROTOBUF)
         content_type = request.headers.get("content-type", "").split(";")[0].strip()
         if content_type not in ("", "application/json"):
             raise InvalidArgument(
                 f"content-type: {content_type!r} is not application/json or {PROTOBUF}",
                 "content-type",
             )
-        result = await core.soft_targets(_request_from_json(model, raw), _timeout(request))
-        return JSONResponse(soft_targets_json(result))
+        query = _request_from_json(model, raw)
+        result = await core.soft_targets(query, _timeout(request), "http-json")
+        response = JSONResponse(soft_targets_json(result))
+        core.metrics.record_bytes("http-json", len(raw), len(response.body))
+        return response
 
     app.include_router(create_v2_router(core, max_message_bytes))
     return app

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
@@ -136,7 +137,10 @@ def load_version(
     if not weights_path.is_file():
         raise ModelLoadError(f"{folder.path}: missing {WEIGHTS_FILE}")
     weights_bytes = weights_path.read_bytes()
-    cls = import_architecture(config.architecture, allowed_prefixes)
+    try:
+        cls = import_architecture(config.architecture, allowed_prefixes)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{folder.path / CONFIG_FILE}: {error}") from error
     tasks = {t.name: len(t.class_names) for t in config.tasks}
     try:
         module = cls(tasks=tasks, **config.kwargs)
@@ -145,7 +149,11 @@ def load_version(
             f"{folder.path / CONFIG_FILE}: kwargs do not fit {config.architecture}: {error}"
         ) from error
     try:
-        module.load_state_dict(load_safetensors(weights_bytes), strict=True)
+        state = load_safetensors(weights_bytes)
+    except SafetensorError as error:
+        raise ModelLoadError(f"{weights_path}: not a safetensors file: {error}") from error
+    try:
+        module.load_state_dict(state, strict=True)
     except (RuntimeError, ValueError) as error:
         raise ModelLoadError(f"{weights_path}: weights do not match the config: {error}") from error
     forward_features = getattr(module, "forward_features", None)
@@ -191,9 +199,10 @@ def _load_ensemble(
 
 
 def _signature(config: ModelConfig) -> tuple[object, ...]:
-    """What an ensemble and its members must share: tasks with class names, input shape, dtype."""
+    """What an ensemble and its members must share: tasks with class names, and the input (shape,
+    dtype, uint8 scale, max value): the ensemble's input is what each member gets."""
     tasks = tuple((t.name, t.class_names) for t in config.tasks)
-    return tasks, config.input_shape, config.input_dtype
+    return tasks, config.input_shape, config.input_dtype, config.uint8_scale, config.max_value
 
 
 def save_model(folder: Path, config: ModelConfig, module: nn.Module) -> None:

@@ -3,7 +3,8 @@
 Pure functions, shared by the v2 HTTP routes (`teacher_server.v2_http`) and the v2 gRPC service
 (`teacher_server.v2_grpc`). The mapping (see docs/v2-protocol.md):
 
-- one v2 model per served model, its one version the model's `model_version` (`sha256:...`);
+- one v2 model per served model; its versions are the served `model_version`s (`sha256:...`),
+  also reachable by their labels (version subfolder names, e.g. "2"); no version: the default;
 - one input tensor, named `inputs`, shape `[N, *input_shape]`;
 - one output per task, named after the task, FP32 `[N, classes]`; requested outputs select tasks
   (none requested: every task); an output named `hint:<name>` returns that hint (only if named);
@@ -31,6 +32,7 @@ import numpy as np
 from protocol import codec
 from protocol.errors import InvalidArgument, NotFound
 from protocol.kserve_v2 import grpc_predict_v2_pb2 as pb
+from teacher_server.core import TeacherCore, VersionSummary
 from teacher_server.schema import ModelInfo, SoftTargets, SoftTargetsRequest
 
 INPUT_NAME: Final = "inputs"
@@ -122,14 +124,32 @@ def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": server_version(), "extensions": list(EXTENSIONS)}
 
 
-def check_version(info: ModelInfo, version: str) -> None:
-    """A v2 model address names a version: empty, or exactly the served `model_version`."""
-    if version and version != info.model_version:
-        raise NotFound(
-            f"model_version: model {info.name!r} has no version {version!r}; it serves "
-            f"{info.model_version!r} (or leave the version out)",
-            "model_version",
-        )
+def resolve_version(summaries: Iterable[VersionSummary], model: str, version: str) -> str:
+    """The `model_version` (`sha256:...`) that a non-empty v2 `version` names: a served version's
+    `model_version` itself, or its label (the name of its version subfolder, e.g. "2", as Triton
+    numbers versions)."""
+    served = [s for s in summaries if s.name == model and s.model_version]
+    for summary in served:
+        if version in (summary.model_version, summary.label):
+            return summary.model_version
+    raise NotFound(
+        f"model_version: model {model!r} has no version {version!r}; it serves "
+        f"{[s.label or s.model_version for s in served]} (or leave the version out)",
+        "model_version",
+    )
+
+
+def resolve(core: TeacherCore, model: str, version: str) -> ModelInfo:
+    """The info of the version of `model` that a v2 address names (empty: the default version).
+    Raises the core's error for an unknown model, `NotFound` for an unknown version."""
+    info = core.model_info(model)
+    if not version:
+        return info
+    return core.model_info(model, resolve_version(core.list_models(), model, version))
+
+
+def served_versions(core: TeacherCore, model: str) -> list[str]:
+    return [s.model_version for s in core.list_models() if s.name == model and s.model_version]
 
 
 def _input_metadata(info: ModelInfo) -> dict[str, Any]:
@@ -140,11 +160,12 @@ def _input_metadata(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def model_metadata(info: ModelInfo) -> dict[str, Any]:
-    """The v2 model metadata: one input, one FP32 output per task (hints are not listed)."""
+def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, Any]:
+    """The v2 model metadata of one version: its inputs (one) and outputs (one FP32 per task; hints
+    are not listed), and every served version of the model (default: `info`'s only)."""
     return {
         "name": info.name,
-        "versions": [info.model_version],
+        "versions": list(versions) or [info.model_version],
         "platform": PLATFORM,
         "inputs": [_input_metadata(info)],
         "outputs": [
@@ -154,8 +175,8 @@ def model_metadata(info: ModelInfo) -> dict[str, Any]:
     }
 
 
-def model_metadata_pb(info: ModelInfo) -> pb.ModelMetadataResponse:
-    meta = model_metadata(info)
+def model_metadata_pb(info: ModelInfo, versions: Sequence[str] = ()) -> pb.ModelMetadataResponse:
+    meta = model_metadata(info, versions)
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
         name=meta["name"],
@@ -216,10 +237,34 @@ def _from_bytes(
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
+def _check_integers(parsed: np.ndarray, dtype: np.dtype, where: str) -> None:
+    if not parsed.size:
+        return
+    limits = np.iinfo(dtype)
+    bad = (
+        ~np.isfinite(parsed)
+        | (parsed != np.round(parsed))
+        | (parsed < limits.min)
+        | (parsed > limits.max)
+    )
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        at = [int(i) for i in np.unravel_index(index, parsed.shape)]
+        raise InvalidArgument(
+            f"{where}: value {float(parsed.flat[index])!r} at index {at} is not a "
+            f"{DATATYPE_OF_NUMPY[dtype.name]}",
+            where,
+        )
+
+
 def _from_values(
     values: Any, dtype: np.dtype, shape: tuple[int, ...], count: int, where: str
 ) -> np.ndarray:
     try:
+        if dtype.kind in "iu":
+            # JSON numbers may be fractional or out of range: refuse them instead of letting numpy
+            # truncate 0.7 to 0 or wrap 300 to 44.
+            _check_integers(np.asarray(values, dtype=np.float64), dtype, where)
         array = np.asarray(values, dtype=dtype)
     except (ValueError, TypeError, OverflowError) as error:
         raise InvalidArgument(
@@ -525,14 +570,17 @@ def _grpc_input(message: pb.ModelInferRequest, max_elements: int) -> np.ndarray:
     return _from_values(values, dtype, shape, count, f"inputs.contents.{contents_field}")
 
 
-def decode_grpc_infer(message: pb.ModelInferRequest, max_elements: int) -> DecodedInfer:
-    """Decode a `ModelInferRequest` (data from raw_input_contents or the typed contents)."""
+def decode_grpc_infer(
+    message: pb.ModelInferRequest, model_version: str, max_elements: int
+) -> DecodedInfer:
+    """Decode a `ModelInferRequest` (data from raw_input_contents or the typed contents);
+    `model_version` is the version its `model_version` resolved to ("": the default)."""
     parameters = parameters_from_pb(message.parameters)
     array = _grpc_input(message, max_elements)
     names = [output.name for output in message.outputs]
     return DecodedInfer(
         request=soft_targets_request(
-            message.model_name, message.model_version, message.id, parameters, array, names
+            message.model_name, model_version, message.id, parameters, array, names
         ),
         timeout=_timeout(parameters),
     )

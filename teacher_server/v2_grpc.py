@@ -54,7 +54,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Ready when the server is and the model (and version, if given) is served; an unknown
         model or version is not ready rather than an error."""
         try:
-            v2_convert.check_version(self._core.model_info(request.name), request.version)
+            v2_convert.resolve(self._core, request.name, request.version)
         except TeacherError:
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=self._core.ready)
@@ -68,9 +68,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
         try:
-            info = self._core.model_info(request.name)
-            v2_convert.check_version(info, request.version)
-            return v2_convert.model_metadata_pb(info)
+            info = v2_convert.resolve(self._core, request.name, request.version)
+            versions = v2_convert.served_versions(self._core, request.name)
+            return v2_convert.model_metadata_pb(info, versions)
         except TeacherError as error:
             await _abort(context, error)
 
@@ -78,12 +78,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         try:
-            v2_convert.check_version(
-                self._core.model_info(request.model_name), request.model_version
-            )
-            decoded = v2_convert.decode_grpc_infer(request, self._max_elements)
+            version = request.model_version
+            info = v2_convert.resolve(self._core, request.model_name, version)
+            pinned = info.model_version if version else ""
+            decoded = v2_convert.decode_grpc_infer(request, pinned, self._max_elements)
             timeout = _min_timeout(decoded.timeout, context.time_remaining())
-            result = await self._core.soft_targets(decoded.request, timeout)
+            result = await self._core.soft_targets(decoded.request, timeout, "v2-grpc")
             return v2_convert.encode_grpc_infer(result, decoded)
         except TeacherError as error:
             await _abort(context, error)

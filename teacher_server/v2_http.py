@@ -2,8 +2,8 @@
 
 `create_v2_router(core)` adds `/v2` (server metadata), `/v2/health/{live,ready}`,
 `/v2/models/{model}[/versions/{version}]` (metadata), `.../ready` and `.../infer` (JSON or the
-binary tensor data extension), so `tritonclient.http` works unchanged. The version in a path must be
-the model's `model_version`; leaving it out means the served version. Handlers decode
+binary tensor data extension), so `tritonclient.http` works unchanged. The version in a path is a
+served `model_version` or its label (see `v2_convert.resolve`); leaving it out means the default. Handlers decode
 (`teacher_server.v2_convert`), call the core, encode. Errors use the v2 body `{"error": "<message>"}`
 with the HTTP code of their `protocol.errors` class.
 """
@@ -20,7 +20,6 @@ from fastapi.routing import APIRoute
 from protocol.errors import MessageTooLarge, TeacherError
 from teacher_server import v2_convert
 from teacher_server.core import TeacherCore
-from teacher_server.schema import ModelInfo
 
 RETRY_AFTER_S = 1
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -67,11 +66,6 @@ def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) ->
     limit = core.settings.max_message_bytes if max_message_bytes is None else max_message_bytes
     router = APIRouter(route_class=_V2Route, tags=["open inference protocol (v2)"])
 
-    def resolve(model: str, version: str) -> ModelInfo:
-        info = core.model_info(model)
-        v2_convert.check_version(info, version)
-        return info
-
     @router.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         """Server name, version and extensions."""
@@ -89,21 +83,22 @@ def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) ->
 
     async def metadata(model: str, version: str = "") -> dict[str, Any]:
         """Model metadata: input `inputs` [-1, *input_shape], one FP32 output per task."""
-        return v2_convert.model_metadata(resolve(model, version))
+        info = v2_convert.resolve(core, model, version)
+        return v2_convert.model_metadata(info, v2_convert.served_versions(core, model))
 
     async def model_ready(model: str, version: str = "") -> JSONResponse:
         """200 when the model (and version) is served and the server is ready."""
-        resolve(model, version)
+        v2_convert.resolve(core, model, version)
         return JSONResponse({"ready": core.ready}, status_code=200 if core.ready else 503)
 
     async def infer(request: Request, model: str, version: str = "") -> Response:
         """Soft targets for one batch: JSON, or the binary tensor data extension."""
-        resolve(model, version)
+        pinned = v2_convert.resolve(core, model, version).model_version if version else ""
         body = await _read_body(request, limit)
         decoded = v2_convert.decode_http_infer(
-            model, version, body, request.headers.get(v2_convert.HEADER_LENGTH), limit
+            model, pinned, body, request.headers.get(v2_convert.HEADER_LENGTH), limit
         )
-        result = await core.soft_targets(decoded.request, decoded.timeout)
+        result = await core.soft_targets(decoded.request, decoded.timeout, "v2-http")
         content, header_length = v2_convert.encode_http_infer(result, decoded)
         if header_length is None:
             return Response(content, media_type="application/json")

@@ -1,0 +1,190 @@
+"""Prometheus metrics of one teacher process, served at HTTP `GET /metrics`.
+
+Operations: requests by transport, model and status; soft targets returned per task; queue depth;
+requests and samples per forward; forward and end-to-end latency; bytes in and out; model loads
+and reloads. Distillation telemetry no inference server has: per task, histograms of the teacher's
+entropy (nats) at the requested temperature and of its top-1 probability, one observation per
+sample, so an operator sees what the students are being taught.
+
+Each `Metrics` has its own registry (no process-global state), so tests can start many.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator, Sequence
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
+ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+
+
+class BulkHistogram(Collector):
+    """A labelled histogram that takes a whole array of observations at once (numpy bucket
+    counting), for per-sample telemetry without a Python call per sample. Thread-safe."""
+
+    def __init__(
+        self, name: str, documentation: str, labels: Sequence[str], buckets: Sequence[float]
+    ):
+        self.name, self.documentation, self.labels = name, documentation, tuple(labels)
+        self.edges = np.asarray(buckets, dtype=np.float64)
+        self._series: dict[tuple[str, ...], tuple[np.ndarray, float]] = {}
+        self._lock = threading.Lock()
+
+    def observe_many(self, label_values: Sequence[str], values: np.ndarray) -> None:
+        # counts[i] = observations <= edges[i]; the last slot holds everything (+Inf)
+        index = np.searchsorted(self.edges, values, side="left")
+        counts = np.bincount(index, minlength=len(self.edges) + 1)
+        with self._lock:
+            key = tuple(label_values)
+            previous, total = self._series.get(key, (np.zeros(len(self.edges) + 1, np.int64), 0.0))
+            self._series[key] = (previous + counts, total + float(values.sum()))
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labels)
+        with self._lock:
+            series = dict(self._series)
+        for key, (counts, total) in sorted(series.items()):
+            cumulative = np.cumsum(counts)
+            buckets = [
+                (_bound(e), float(c)) for e, c in zip(self.edges, cumulative[:-1], strict=True)
+            ]
+            family.add_metric(list(key), [*buckets, ("+Inf", float(cumulative[-1]))], total)
+        yield family
+
+
+def _bound(edge: float) -> str:
+    return repr(float(edge))
+
+
+class _QueueDepth(Collector):
+    def __init__(self, depths: Callable[[], dict[str, int]]) -> None:
+        self._depths = depths
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "teacher_queue_depth", "Requests waiting for a forward, per model.", labels=["model"]
+        )
+        for model, depth in sorted(self._depths().items()):
+            family.add_metric([model], depth)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "teacher_requests",
+            "Soft-target requests answered, by transport, model and status.",
+            ["transport", "model", "status"],
+            registry=r,
+        )
+        self.task_outputs = Counter(
+            "teacher_task_outputs",
+            "Task outputs returned (one per task per request).",
+            ["transport", "model", "task"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "teacher_request_seconds",
+            "End-to-end latency of a soft-target request in the server.",
+            ["transport", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "teacher_bytes_received", "Request payload bytes.", ["transport"], registry=r
+        )
+        self.bytes_sent = Counter(
+            "teacher_bytes_sent", "Response payload bytes.", ["transport"], registry=r
+        )
+        self.batch_requests = Histogram(
+            "teacher_batch_requests",
+            "Requests merged into one forward.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_samples = Histogram(
+            "teacher_batch_samples",
+            "Samples in one forward.",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "teacher_forward_seconds",
+            "Time of one merged forward (and post-processing).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "teacher_model_loads",
+            "Model version loads, by result.",
+            ["model", "result"],
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "teacher_model_reloads",
+            "Reloads requested, by result.",
+            ["model", "result"],
+            registry=r,
+        )
+        self.entropy = BulkHistogram(
+            "teacher_soft_target_entropy_nats",
+            "Entropy of the teacher's distribution at the requested temperature, per sample.",
+            ["model", "task"],
+            ENTROPY_BUCKETS,
+        )
+        self.confidence = BulkHistogram(
+            "teacher_soft_target_top1_probability",
+            "The teacher's top-1 probability at the requested temperature, per sample.",
+            ["model", "task"],
+            CONFIDENCE_BUCKETS,
+        )
+        r.register(self.entropy)
+        r.register(self.confidence)
+
+    def watch_queues(self, depths: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(_QueueDepth(depths))
+
+    def observe_forward(self, model: str, requests: int, samples: int, seconds: float) -> None:
+        self.batch_requests.labels(model).observe(requests)
+        self.batch_samples.labels(model).observe(samples)
+        self.forward_seconds.labels(model).observe(seconds)
+
+    def observe_distribution(self, model: str, task: str, probs: np.ndarray) -> None:
+        """Per-sample entropy (nats) and top-1 probability of `probs` (batch, classes)."""
+        safe = np.clip(probs, 1e-300, 1.0)
+        entropy = -(probs * np.log(safe)).sum(axis=1)
+        self.entropy.observe_many((model, task), np.maximum(entropy, 0.0))
+        self.confidence.observe_many((model, task), probs.max(axis=1))
+
+    def record_request(
+        self,
+        transport: str,
+        model: str,
+        status: str,
+        seconds: float,
+        tasks: Sequence[str] = (),
+    ) -> None:
+        self.requests.labels(transport, model, status).inc()
+        self.request_seconds.labels(transport, model).observe(seconds)
+        for task in tasks:
+            self.task_outputs.labels(transport, model, task).inc()
+
+    def record_bytes(self, transport: str, received: int, sent: int) -> None:
+        self.bytes_received.labels(transport).inc(received)
+        self.bytes_sent.labels(transport).inc(sent)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
