@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from student_client.demo import DemoSettings, run_demo
@@ -50,6 +51,11 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default=None,
         help="gRPC address (host:port) of a running teacher; default: start one locally",
     )
+    demo.add_argument(
+        "--token",
+        default=os.environ.get("TEACHER_AUTH_TOKEN"),
+        help="bearer token for --teacher (default: $TEACHER_AUTH_TOKEN)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -71,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
                 depth=args.depth,
                 repository=args.repository,
                 teacher=args.teacher,
+                token=args.token,
                 out=args.out,
                 progress=not args.no_progress,
             )

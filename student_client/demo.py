@@ -45,6 +45,7 @@ class DemoSettings:
     repository: Path = Path("model_repository")
     teacher: str | None = None  # an already running teacher's gRPC address; None: start one
     wait_seconds: float = 300.0  # how long to wait for that teacher to answer
+    token: str | None = None  # bearer token, if that teacher requires one
     out: Path = Path("runs/quickstart")
     progress: bool = True
 
@@ -265,7 +266,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         else:
             address = settings.teacher
             say(f"Using the teacher at {address} (gRPC)")
-        client = stack.enter_context(TeacherClient(address))
+        client = stack.enter_context(TeacherClient(address, token=settings.token))
         info = client.wait_ready(settings.wait_seconds)
         say(
             f"  model {info.name} {info.model_version[:19]}..., {info.parameter_count:,} parameters, "

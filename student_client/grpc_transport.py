@@ -18,6 +18,7 @@ import numpy as np
 from protocol.errors import (
     GRPC_CODE_KEY,
     GRPC_FIELD_KEY,
+    MessageTooLarge,
     TeacherError,
     Unavailable,
     error_from_code,
@@ -38,7 +39,12 @@ def error_from_rpc(error: grpc.RpcError, address: str) -> TeacherError:
     code = metadata.get(GRPC_CODE_KEY)
     if code:
         return error_from_code(str(code), details, str(metadata.get(GRPC_FIELD_KEY, "")))
-    return error_from_grpc_status(error.code(), f"teacher at {address}: {details}")  # type: ignore[attr-defined]
+    status = error.code()  # type: ignore[attr-defined]
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in details:
+        # grpc's own size check ("Received message larger than max (N vs. LIMIT)"), on either
+        # side: the same message can never pass, so it is not retried (field `body`, as over HTTP).
+        return MessageTooLarge(f"body: teacher at {address}: {details}", "body")
+    return error_from_grpc_status(status, f"teacher at {address}: {details}")
 
 
 class GrpcStream:

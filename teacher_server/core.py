@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
 from teacher_server.batcher import DynamicBatcher
-from teacher_server.default_teacher import DEFAULT_MODEL_NAME, train_default_teacher
+from teacher_server.default_teacher import ensure_default_teacher
 from teacher_server.engine import Engine, accepted_input_dtypes
 from teacher_server.metrics import Metrics
 from teacher_server.model_config import ModelLoadError
@@ -176,10 +176,7 @@ class TeacherCore:
         repository has no model. Plain models load before ensembles, which need them."""
         root = self.settings.model_repository
         if not scan_repository(root) and self.settings.train_default_if_missing:
-            log.info(
-                "no model in %s: training the default teacher (about 30 s on 2 CPU cores)", root
-            )
-            train_default_teacher(root / DEFAULT_MODEL_NAME)
+            ensure_default_teacher(root)
         found = scan_repository(root)
         pending = dict(found)
         while pending:  # ensembles wait until their members are loaded

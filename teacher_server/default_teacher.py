@@ -9,7 +9,9 @@ student's test images.
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -74,6 +76,23 @@ def evaluate(model: nn.Module, images: np.ndarray, digits: np.ndarray) -> dict[s
         task: float((logits[task].argmax(1).numpy() == labels[task]).mean())
         for task in TASK_CLASSES
     }
+
+
+def ensure_default_teacher(root: Path) -> None:
+    """Train the default teacher into `root` unless a model is there, safely when several
+    replicas share the folder: one trains under an exclusive lock, into a hidden folder renamed
+    into place when complete; the others wait and then find it."""
+    from teacher_server.repository import scan_repository
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".train-default.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if scan_repository(root):
+            return  # trained by another process while this one waited
+        log.info("no model in %s: training the default teacher (about 30 s on 2 CPU cores)", root)
+        partial = root / f".{DEFAULT_MODEL_NAME}.partial-{os.getpid()}"
+        train_default_teacher(partial)
+        os.replace(partial, root / DEFAULT_MODEL_NAME)
 
 
 def train_default_teacher(
