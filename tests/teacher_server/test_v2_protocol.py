@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from protocol.kserve_v2 import grpc_predict_v2_pb2 as v2pb
 from protocol.kserve_v2 import grpc_predict_v2_pb2_grpc as v2pb_grpc
 from student_client import TeacherClient
 from teacher_server import v2_convert
+from teacher_server.core import VersionSummary
 from teacher_server.schema import ModelInfo, SoftTargets, TaskInfo, TaskResult
 
 MODEL = "mnist-multitask"
@@ -341,6 +343,57 @@ def test_grpc_health_and_metadata(teacher: Any, own: TeacherClient) -> None:
     assert [int(d) for d in meta["inputs"][0]["shape"]] == [-1, 1, 28, 28]
 
 
+@pytest.fixture(scope="module")
+def versioned(
+    default_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    teacher_factory: Callable[..., Any],
+) -> Any:
+    """A server whose model has two versions, in subfolders `1` and `2` (2 is the default)."""
+    root = tmp_path_factory.mktemp("versioned_repository")
+    source = default_repository / MODEL
+    for label in ("1", "2"):
+        target = root / MODEL / label
+        target.mkdir(parents=True)
+        shutil.copy(source / "model.safetensors", target)
+        config = json.loads((source / "config.json").read_text())
+        config["description"] = f"version {label}"  # another config: another model_version
+        (target / "config.json").write_text(json.dumps(config))
+    return teacher_factory(root)
+
+
+def test_versions_by_label_or_model_version(versioned: Any, images: np.ndarray) -> None:
+    client = httpclient.InferenceServerClient(versioned.http_url.removeprefix("http://"))
+    try:
+        one, two = client.get_model_metadata(MODEL)["versions"]
+        assert one.startswith("sha256:") and two.startswith("sha256:") and one != two
+        assert client.get_model_metadata(MODEL, "1")["versions"] == [one, two]
+        tensor = httpclient.InferInput("inputs", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images)
+        for version, served in [("", two), ("1", one), ("2", two), (one, one), (two, two)]:
+            assert client.is_model_ready(MODEL, version)
+            result = client.infer(MODEL, [tensor], model_version=version)
+            assert result.get_response()["model_version"] == served, version
+        assert not client.is_model_ready(MODEL, "3")
+        with pytest.raises(InferenceServerException) as error:
+            client.infer(MODEL, [tensor], model_version="3")
+        assert error.value.status() == "404"
+        assert "it serves ['1', '2']" in error.value.message()
+    finally:
+        client.close()
+    results = triton_grpc(
+        versioned,
+        {"op": "model_ready", "model": MODEL, "version": "1"},
+        {"op": "model_ready", "model": MODEL, "version": "3"},
+        {"op": "infer", "model": MODEL, "version": "1", "inputs": images[:1].tolist()},
+        {"op": "model_metadata", "model": MODEL, "version": "3"},
+    )
+    assert results[0]["ok"] is True
+    assert results[1]["ok"] is False
+    assert results[2]["ok"]["model_version"] == one
+    assert results[3]["error"]["status"] == "StatusCode.NOT_FOUND"
+
+
 # --- errors -----------------------------------------------------------------------------------
 
 
@@ -581,6 +634,8 @@ def test_decode_http_nested_and_flat_json() -> None:
         ({"inputs": [an_input(data=[[0.5] * 8, [0.5] * 7])]}, b"", "inputs.data"),
         ({"inputs": [an_input(data=["a"] * 16)]}, b"", "inputs.data"),
         ({"inputs": [an_input(datatype="UINT8", data=[300] * 16)]}, b"", "inputs.data"),
+        ({"inputs": [an_input(datatype="UINT8", data=[0.7] * 16)]}, b"", "inputs.data"),
+        ({"inputs": [an_input(datatype="INT64", data=[1.5] * 16)]}, b"", "inputs.data"),
         ({"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1]}]}, b"", "inputs.data"),
         (
             {"inputs": [an_input(data=None, parameters={"binary_data_size": 60})]},
@@ -674,28 +729,30 @@ def test_decode_grpc_raw_and_typed() -> None:
     raw.parameters["output"].string_param = "logits"
     raw.parameters["timeout"].int64_param = 1_000_000
     raw.outputs.add(name="parity")
-    decoded = v2_convert.decode_grpc_infer(raw, MAX_ELEMENTS)
+    decoded = v2_convert.decode_grpc_infer(raw, "", MAX_ELEMENTS)
     np.testing.assert_array_equal(decoded.request.inputs, array)
     assert decoded.request.temperature == 2.0
     assert decoded.request.output == "logits"
     assert decoded.request.tasks == ("parity",)
     assert decoded.request.batch_id == "g1"
+    assert decoded.request.model_version == ""
     assert decoded.timeout == 1.0
 
     typed = grpc_request(contents=v2pb.InferTensorContents(fp32_contents=array.ravel().tolist()))
     np.testing.assert_array_equal(
-        v2_convert.decode_grpc_infer(typed, MAX_ELEMENTS).request.inputs, array
+        v2_convert.decode_grpc_infer(typed, "", MAX_ELEMENTS).request.inputs, array
     )
     uint8 = grpc_request(
         datatype="UINT8", contents=v2pb.InferTensorContents(uint_contents=[7] * 16)
     )
-    decoded_uint8 = v2_convert.decode_grpc_infer(uint8, MAX_ELEMENTS).request.inputs
+    decoded_uint8 = v2_convert.decode_grpc_infer(uint8, "", MAX_ELEMENTS).request.inputs
     assert decoded_uint8.dtype == np.uint8
     assert decoded_uint8.shape == (1, 1, 4, 4)
     uint64 = grpc_request()
     uint64.raw_input_contents.append(array.tobytes())
     uint64.parameters["temperature"].uint64_param = 5
-    assert v2_convert.decode_grpc_infer(uint64, MAX_ELEMENTS).request.temperature == 5.0
+    decoded_uint64 = v2_convert.decode_grpc_infer(uint64, "sha256:x", MAX_ELEMENTS).request
+    assert (decoded_uint64.temperature, decoded_uint64.model_version) == (5.0, "sha256:x")
 
 
 @pytest.mark.parametrize(
@@ -733,7 +790,7 @@ def test_decode_grpc_errors(case: str, field: str) -> None:
         request.raw_input_contents.append(b"\0" * 64)
         request.parameters["temperature"].CopyFrom(v2pb.InferParameter())
     with pytest.raises(InvalidArgument) as error:
-        v2_convert.decode_grpc_infer(request, MAX_ELEMENTS)
+        v2_convert.decode_grpc_infer(request, "", MAX_ELEMENTS)
     assert error.value.field == field, error.value.message
 
 
@@ -774,8 +831,23 @@ def test_model_metadata_and_version() -> None:
     message = v2_convert.model_metadata_pb(info)
     assert [o.name for o in message.outputs] == ["digit", "parity"]
     assert list(message.inputs[0].shape) == [-1, 1, 4, 4]
-    v2_convert.check_version(info, "")
-    v2_convert.check_version(info, "sha256:abc")
-    with pytest.raises(NotFound) as error:
-        v2_convert.check_version(info, "1")
-    assert error.value.field == "model_version"
+    versions = v2_convert.model_metadata(info, ["sha256:old", "sha256:abc"])["versions"]
+    assert versions == ["sha256:old", "sha256:abc"]
+
+
+def test_resolve_version() -> None:
+    summaries = [
+        VersionSummary("m", "sha256:one", True, label="1"),
+        VersionSummary("m", "sha256:two", True, default_version=True, label="2"),
+        VersionSummary("single", "sha256:s", True, default_version=True),
+        VersionSummary("broken", "", False, error="failed"),
+    ]
+    assert v2_convert.resolve_version(summaries, "m", "1") == "sha256:one"
+    assert v2_convert.resolve_version(summaries, "m", "sha256:two") == "sha256:two"
+    assert v2_convert.resolve_version(summaries, "single", "sha256:s") == "sha256:s"
+    for model, version in [("m", "3"), ("m", "sha256:s"), ("single", "1"), ("broken", "x")]:
+        with pytest.raises(NotFound) as error:
+            v2_convert.resolve_version(summaries, model, version)
+        assert error.value.field == "model_version"
+    with pytest.raises(NotFound, match=r"has no version '3'; it serves \['1', '2'\]"):
+        v2_convert.resolve_version(summaries, "m", "3")
