@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
+
+from student_client.client import TeacherClient
+from student_client.datasets import mnist_multitask
 from student_client.demo import DemoSettings, run_demo
 
 
@@ -59,12 +64,105 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--teacher",
+        default="127.0.0.1:50051",
+        help="teacher address: host:port (gRPC), several comma-separated, or http(s)://host:port",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=["grpc", "http", "http-json"],
+        default=None,
+        help="default: http for http(s):// addresses, else grpc",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TEACHER_AUTH_TOKEN"),
+        help="bearer token (default: $TEACHER_AUTH_TOKEN)",
+    )
+    parser.add_argument("--tls-ca-file", default=None, help="CA certificate (PEM) to verify TLS")
+    parser.add_argument("--model", default=None, help="model name (default: the teacher's first)")
+
+
+def _client(args: argparse.Namespace) -> TeacherClient:
+    transport: Literal["grpc", "http", "http-json"] = args.transport or (
+        "http" if args.teacher.startswith("http") else "grpc"
+    )
+    return TeacherClient(args.teacher, transport, token=args.token, tls_ca_file=args.tls_ca_file)
+
+
+def _info(args: argparse.Namespace) -> None:
+    with _client(args) as client:
+        print(f"teacher {client.address}")
+        for summary in client.list_models():
+            flag = " (default)" if summary.default_version else ""
+            state = "ready" if summary.ready else f"NOT READY: {summary.error}"
+            print(f"  {summary.name} {summary.model_version[:23]} {summary.label}{flag}: {state}")
+        info = client.model_info(args.model)
+        print(f"\nmodel {info.name}, version {info.model_version}")
+        if info.description:
+            print(f"  {info.description}")
+        print(
+            f"  input: shape [N, {', '.join(map(str, info.input_shape))}], dtype {info.input_dtype}"
+            f" (accepts {', '.join(info.accepted_input_dtypes)}); max batch {info.max_batch_size}"
+        )
+        print(f"  parameters: {info.parameter_count:,}")
+        for task in info.tasks:
+            accuracy = f", held-out accuracy {task.test_accuracy:.4f}" if task.test_accuracy else ""
+            names = ", ".join(task.class_names)
+            print(f"  task {task.name}: {len(task.class_names)} classes ({names}){accuracy}")
+        for name, shape in info.hints.items():
+            print(f"  hint {name}: per-sample shape {list(shape)}")
+
+
+def _soft_targets(args: argparse.Namespace) -> None:
+    if args.npy is not None:
+        inputs = np.load(args.npy, allow_pickle=False)
+        labels = None
+    else:
+        split = mnist_multitask()
+        inputs, labels = split.test_x[: args.mnist], split.test_y["digit"][: args.mnist]
+    with _client(args) as client:
+        info = client.model_info(args.model)
+        targets = client.soft_targets(
+            inputs, model=args.model, tasks=args.task or (), temperature=args.temperature
+        )
+    print(f"{info.name} {targets.model_version[:23]}, T={args.temperature:g}, top {args.top}:")
+    for row in range(len(inputs)):
+        known = f" (digit {labels[row]})" if labels is not None else ""
+        print(f"input {row}{known}")
+        for task, output in targets.outputs.items():
+            names = info.task(task).class_names
+            order = np.argsort(output.values[row])[::-1][: args.top]
+            cells = "  ".join(f"{names[i]:>6} {output.values[row][i]:.4f}" for i in order)
+            print(f"  {task:<10} {cells}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="student-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _demo_parser(commands)
+    info = commands.add_parser("info", help="list a teacher's models and describe one")
+    _connection_arguments(info)
+    soft = commands.add_parser(
+        "soft-targets", help="print the teacher's top classes per task for a few inputs"
+    )
+    _connection_arguments(soft)
+    source = soft.add_mutually_exclusive_group()
+    source.add_argument(
+        "--mnist", type=int, default=3, help="use the first N held-out MNIST images (default 3)"
+    )
+    source.add_argument("--npy", default=None, help="a .npy file of inputs (batch, *input_shape)")
+    soft.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
+    soft.add_argument("--task", action="append", help="a task to show (repeat); default all")
+    soft.add_argument("--top", type=int, default=3, help="classes shown per task")
     args = parser.parse_args(argv)
-    if args.command == "demo":
+    if args.command == "info":
+        _info(args)
+    elif args.command == "soft-targets":
+        _soft_targets(args)
+    elif args.command == "demo":
         run_demo(
             DemoSettings(
                 epochs=args.epochs,

@@ -47,7 +47,9 @@ class Transport(Protocol):
 
     def list_models(self) -> list[ModelSummary]: ...
 
-    def model_info(self, model: str) -> ModelInfo: ...
+    def model_info(self, model: str, model_version: str = "") -> ModelInfo: ...
+
+    def reload(self, model: str) -> list[ModelSummary]: ...
 
     def soft_targets(
         self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
@@ -145,9 +147,18 @@ class TeacherClient:
                     raise
                 time.sleep(0.5)
 
-    def model_info(self, model: str | None = None) -> ModelInfo:
+    def model_info(self, model: str | None = None, model_version: str = "") -> ModelInfo:
+        """The model's tasks, input, hints and version: of the default version, or of
+        `model_version`."""
         name = self.resolve_model(model)
-        return call_with_retries(self.retry, lambda: self._transport.model_info(name))
+        return call_with_retries(
+            self.retry, lambda: self._transport.model_info(name, model_version)
+        )
+
+    def reload(self, model: str) -> list[ModelSummary]:
+        """Admin: make the teacher re-read `model`'s repository folder; returns the versions it
+        serves afterwards. Needs the token when the teacher has auth on."""
+        return self._transport.reload(model)
 
     def soft_targets(
         self,

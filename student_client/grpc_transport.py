@@ -146,12 +146,21 @@ class GrpcTransport:
 
     def list_models(self) -> list[ModelSummary]:
         response = self._call(self._stub.ListModels, pb.ListModelsRequest())
-        return [ModelSummary(m.name, m.model_version, m.ready) for m in response.models]
+        return [
+            ModelSummary(m.name, m.model_version, m.ready, m.default_version, m.error, m.label)
+            for m in response.models
+        ]
 
-    def model_info(self, model: str) -> ModelInfo:
-        return model_info_from_pb(
-            self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(model=model))
-        )
+    def model_info(self, model: str, model_version: str = "") -> ModelInfo:
+        request = pb.GetModelInfoRequest(model=model, model_version=model_version)
+        return model_info_from_pb(self._call(self._stub.GetModelInfo, request))
+
+    def reload(self, model: str) -> list[ModelSummary]:
+        response = self._call(self._stub.ReloadModel, pb.ReloadModelRequest(model=model))
+        return [
+            ModelSummary(m.name, m.model_version, m.ready, m.default_version, m.error, m.label)
+            for m in response.versions
+        ]
 
     def soft_targets(
         self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str

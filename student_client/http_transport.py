@@ -58,6 +58,17 @@ def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
 PROTOBUF = "application/x-protobuf"
 
 
+def _summary(entry: dict[str, Any]) -> ModelSummary:
+    return ModelSummary(
+        entry["name"],
+        entry["model_version"],
+        entry["ready"],
+        entry.get("default_version", False),
+        entry.get("error", ""),
+        entry.get("label", ""),
+    )
+
+
 class HttpTransport:
     def __init__(
         self,
@@ -107,10 +118,16 @@ class HttpTransport:
 
     def list_models(self) -> list[ModelSummary]:
         body = self._request("GET", "/v1/models")
-        return [ModelSummary(m["name"], m["model_version"], m["ready"]) for m in body["models"]]
+        return [_summary(m) for m in body["models"]]
 
-    def model_info(self, model: str) -> ModelInfo:
-        body = self._request("GET", f"/v1/models/{model}")
+    def reload(self, model: str) -> list[ModelSummary]:
+        return [
+            _summary(m) for m in self._request("POST", f"/v1/models/{model}/reload")["versions"]
+        ]
+
+    def model_info(self, model: str, model_version: str = "") -> ModelInfo:
+        query = f"?model_version={model_version}" if model_version else ""
+        body = self._request("GET", f"/v1/models/{model}{query}")
         return ModelInfo(
             name=body["name"],
             model_version=body["model_version"],

@@ -97,9 +97,14 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ModelSummary:
+    """One served version of a model, or a model folder the teacher failed to load."""
+
     name: str
     model_version: str
     ready: bool
+    default_version: bool = False
+    error: str = ""
+    label: str = ""
 
 
 Event = tuple[object, str | None, "SoftTargets | TeacherError"]
