@@ -203,7 +203,7 @@ class TeacherCore:
     def _install_loaded(self, name: str, folders: list[VersionFolder]) -> None:
         try:
             versions = self._load_model(name, folders)
-        except (ModelLoadError, OSError) as error:
+        except Exception as error:  # a user architecture may raise anything: report, keep serving
             self.failures[name] = str(error)
             self.metrics.model_loads.labels(name, "error").inc()
             log.error("model %s not served: %s", name, error)
@@ -259,7 +259,7 @@ class TeacherCore:
             raise NotFound(f"model: the repository has no folder {name!r} (to reload)", "model")
         try:
             versions = await asyncio.to_thread(self._load_model, name, folders)
-        except (ModelLoadError, OSError) as error:
+        except Exception as error:  # a user architecture may raise anything: report, keep serving
             self.failures[name] = str(error)
             log.error("reload of %s failed, old versions keep serving: %s", name, error)
             raise FailedPrecondition(

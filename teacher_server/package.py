@@ -98,13 +98,17 @@ def _sample(
     return torch.rand(shape, generator=generator).to(device)
 
 
+class _NotTheContract(ValueError):
+    """The module does not have the architecture contract's shape (not an error of its forward)."""
+
+
 def _forward(
     module: nn.Module, inputs: torch.Tensor, tasks: Mapping[str, Sequence[str]]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(task logits, named features) of one eval-mode forward; the module's mode is restored."""
     forward_features = getattr(module, "forward_features", None)
     if not callable(forward_features):
-        raise ValueError(f"module: {type(module).__qualname__} has no forward_features()")
+        raise _NotTheContract(f"module: {type(module).__qualname__} has no forward_features()")
     heads: nn.ModuleDict = getattr(module, "heads")  # noqa: B009 (checked by the caller)
     was_training = module.training
     module.eval()
@@ -112,7 +116,7 @@ def _forward(
         with torch.inference_mode():
             features = forward_features(inputs)
             if not isinstance(features, dict) or "features" not in features:
-                raise ValueError(
+                raise _NotTheContract(
                     "module: forward_features() must return a dict with a 'features' entry"
                 )
             logits = {task: heads[task](features["features"]) for task in tasks}
@@ -146,7 +150,8 @@ def package_model(
     `Class(tasks={task: n_classes}, **kwargs)` and loads the weights. `tasks` maps each task (a key
     of `module.heads`) to its class names. `hints` are entries of `forward_features()` to serve.
     `allowed_prefixes`: checked like the server's `TEACHER_ALLOWED_ARCHITECTURES` when loading the
-    written folder back (None: any; a warning is logged if the server's default would refuse it).
+    written folder back (None: the architecture's own module; a warning is logged if the server's
+    default prefixes would refuse it).
     `overwrite`: replace an existing folder at `out`. Raises `ValueError` when the module does not
     fit what is declared, `ModelLoadError` when the written folder does not load back."""
     out = Path(out)
@@ -196,7 +201,7 @@ def package_model(
     sample = _sample(config.input_shape, input_dtype, max_value, device)
     try:
         logits, features = _forward(module, sample, tasks)
-    except ValueError:
+    except _NotTheContract:
         raise
     except Exception as error:
         raise ValueError(
@@ -262,16 +267,21 @@ def package_model(
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from `.safetensors`, or from `.pt` / `.pth` with `torch.load(weights_only=True)`
     (no arbitrary unpickling)."""
-    if path.suffix == ".safetensors":
-        return load_file(str(path))
-    if path.suffix in (".pt", ".pth"):
+    if path.suffix not in (".safetensors", ".pt", ".pth"):
+        raise ValueError(f"weights: {path} must be .safetensors, .pt or .pth")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
-        ):
-            raise ValueError(f"weights: {path} does not hold a state dict (name -> tensor)")
-        return state
-    raise ValueError(f"weights: {path} must be .safetensors, .pt or .pth")
+    except OSError:
+        raise
+    except Exception as error:  # not safetensors, or a pickle holding more than tensors
+        raise ValueError(f"weights: cannot read {path}: {error}") from error
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise ValueError(f"weights: {path} does not hold a state dict (name -> tensor)")
+    return state
 
 
 def parse_task(text: str) -> tuple[str, list[str]]:

@@ -186,6 +186,11 @@ def _load_ensemble(
             raise ModelLoadError(
                 f"{folder.path}: ensemble member {name!r} is not a served model"
             ) from None
+        if loaded.members:  # the engine averages plain members' outputs only
+            raise ModelLoadError(
+                f"{folder.path}: ensemble member {name!r} is itself an ensemble; list its "
+                "members instead"
+            )
         if _signature(loaded.config) != _signature(config):
             raise ModelLoadError(
                 f"{folder.path}: ensemble tasks and input {_signature(config)} differ from member "
