@@ -1,4 +1,5 @@
-"""`student-client`: run the quickstart demo, inspect a teacher, or fetch soft targets."""
+"""`student-client`: run the quickstart demo, inspect a teacher, fetch soft targets, or export a
+dataset's soft targets to disk for offline training."""
 
 from __future__ import annotations
 
@@ -139,6 +140,81 @@ def _soft_targets(args: argparse.Namespace) -> None:
             print(f"  {task:<10} {cells}")
 
 
+def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from student_client.export import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+
+    export = commands.add_parser(
+        "export",
+        help="stream a whole dataset through the teacher and write its soft targets to disk",
+        description="Writes safetensors shards and manifest.json into --out; run again with the "
+        "same arguments to resume an interrupted export (complete shards are kept). Train from "
+        "it with student_client.offline.OfflineSoftTargetLoader, no teacher needed.",
+    )
+    _connection_arguments(export)
+    source = export.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--dataset", choices=["mnist"], help="mnist: the 4,000-image training split of the demo"
+    )
+    source.add_argument("--npy", default=None, help="a .npy file of inputs (n, *input_shape)")
+    export.add_argument("--out", type=Path, required=True, help="folder for shards and manifest")
+    export.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
+    export.add_argument(
+        "--output",
+        choices=["probs", "log_probs", "logits"],
+        default="probs",
+        help="logits with --temperature 1 lets any T be applied later, offline",
+    )
+    export.add_argument("--top-k", type=int, default=0, help="k largest classes only (0: dense)")
+    export.add_argument(
+        "--output-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
+    )
+    export.add_argument("--task", action="append", help="a task to export (repeat); default all")
+    export.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    export.add_argument(
+        "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard file"
+    )
+    export.add_argument("--depth", type=int, default=8, help="batches in flight")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from student_client.export import export_soft_targets
+    from student_client.types import TargetOptions
+
+    if args.npy is not None:
+        inputs = np.load(args.npy, allow_pickle=False)
+        name = Path(args.npy).name
+    else:
+        inputs, name = mnist_multitask().train_x, "mnist-train"
+    options = TargetOptions(
+        model=args.model,
+        tasks=tuple(args.task or ()),
+        temperature=args.temperature,
+        output=args.output,
+        top_k=args.top_k,
+        output_dtype=args.output_dtype,
+    )
+    with _client(args) as client:
+        result = export_soft_targets(
+            client,
+            inputs,
+            args.out,
+            options,
+            dataset_name=name,
+            batch_size=args.batch_size,
+            shard_size=args.shard_size,
+            depth=args.depth,
+            log=lambda message: print(message, flush=True),
+        )
+    manifest = result.manifest
+    teacher = manifest["teacher"]
+    print(
+        f"{'complete' if result.complete else 'INCOMPLETE'}: {manifest['samples']['written']} of "
+        f"{manifest['samples']['total']} samples of {name} from {teacher['model']} "
+        f"{teacher['model_version'][:19]}; {len(result.written)} shard(s) written, "
+        f"{len(result.kept)} kept; manifest {result.out / 'manifest.json'}"
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="student-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -157,11 +233,14 @@ def main(argv: list[str] | None = None) -> None:
     soft.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
     soft.add_argument("--task", action="append", help="a task to show (repeat); default all")
     soft.add_argument("--top", type=int, default=3, help="classes shown per task")
+    _export_parser(commands)
     args = parser.parse_args(argv)
     if args.command == "info":
         _info(args)
     elif args.command == "soft-targets":
         _soft_targets(args)
+    elif args.command == "export":
+        _export(args)
     elif args.command == "demo":
         run_demo(
             DemoSettings(

@@ -10,6 +10,7 @@ batches in flight the same way it does over gRPC.
 from __future__ import annotations
 
 import queue
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -85,7 +86,8 @@ class HttpTransport:
             base_url=base_url,
             timeout=timeout,
             headers=headers,
-            verify=ca_file if ca_file is not None else True,
+            # A context, not the file name: httpx deprecates `verify=<str>`.
+            verify=ssl.create_default_context(cafile=ca_file) if ca_file is not None else True,
             trust_env=False,  # a teacher on the loopback or a private network: no proxies
         )
 

@@ -11,7 +11,7 @@ are matched by batch id, and a batch is re-sent only when its answer did not arr
 
 Failures:
 - a batch answered with a retryable error (an overloaded teacher's RESOURCE_EXHAUSTED, ...) is
-  re-sent after a backoff;
+  re-sent after a backoff, while the other batches' answers keep being handled;
 - a broken stream (teacher killed, restarted, connection reset) is reopened after a backoff and
   every batch it had not answered is re-sent, possibly to another replica;
 - both are bounded by the client's `RetryPolicy` (time since the last answer that arrived);
@@ -21,12 +21,21 @@ Failures:
 With `pin_version=True` (the default) the first answer's model version is pinned for the rest of
 the pass: a teacher that changes weights mid-epoch (a reload, a replica with other weights) makes
 the loader raise `FailedPrecondition` instead of mixing two teachers' soft targets.
+
+With `cache=SoftTargetCache(...)` (see `student_client.cache`) every sample of a batch is looked
+up first: a batch found whole is answered locally (no request), otherwise only its missing
+samples are sent (one request with those rows) and the batch is assembled in its original row
+order; the teacher's rows are stored for the next pass. Each pass looks up one model version,
+`options.model_version` or the version the teacher serves when the pass starts (one `ModelInfo`
+call), and pins its requests to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import queue
+import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -36,6 +45,7 @@ from typing import Any, cast
 import numpy as np
 
 from protocol.errors import FailedPrecondition, Internal, TeacherError
+from student_client.cache import CachedRows, CachePass, SoftTargetCache
 from student_client.client import Stream, TeacherClient, as_numpy
 from student_client.retry import RetryBudget, is_retryable
 from student_client.types import Event, SoftTargets, TargetOptions
@@ -52,6 +62,8 @@ class LoaderStats:
     samples: int = 0
     resent: int = 0
     reconnects: int = 0
+    cached_batches: int = 0  # batches answered whole from the cache: no request (not in `sent`)
+    cached_samples: int = 0  # samples answered from the cache, in whole or partial batches
 
 
 @dataclass
@@ -73,13 +85,17 @@ class SoftTargetLoader:
         input_dtype: str | None = None,
         streams: int | None = None,
         pin_version: bool = True,
+        cache: SoftTargetCache | None = None,
     ) -> None:
         """`batches` yields `(inputs, labels)` tuples (labels: anything, passed through) or bare
         inputs. `depth` >= 1 batches are in flight. `input_dtype` converts inputs before sending
         (e.g. `uint8` for pixels already in 0..255). `streams` defaults to the client's number of
-        replica addresses."""
+        replica addresses. `cache`: answer cached samples locally (needs `pin_version`: a batch
+        of cached and fresh rows must come from one teacher version)."""
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
+        if cache is not None and not pin_version:
+            raise ValueError("cache: needs pin_version=True (cached rows are of one version)")
         self.batches = batches
         self.client = client
         self.options = client.with_model(options or TargetOptions())
@@ -87,6 +103,7 @@ class SoftTargetLoader:
         self.input_dtype = input_dtype
         self.streams = streams or client.replicas
         self.pin_version = pin_version
+        self.cache = cache
         self.stats = LoaderStats()
 
     def __len__(self) -> int:
@@ -107,16 +124,29 @@ class _Pass:
         self.stats = loader.stats = LoaderStats()
         self.run_id = uuid.uuid4().hex[:12]
         self.events: queue.Queue[Event] = queue.Queue()
-        self.lanes = [self._open(index, 0) for index in range(loader.streams)]
+        self.cached = (
+            CachePass(loader.cache, self.client, self.options) if loader.cache is not None else None
+        )
+        if self.cached is not None:
+            self.options = self.cached.options  # pinned to the version it looks up
+        # With a cache, streams open at the first send: a pass answered from the cache opens none.
+        self.lanes = (
+            [] if self.cached is not None else [self._open(i, 0) for i in range(loader.streams)]
+        )
         self.answers: dict[str, SoftTargets | TeacherError] = {}
         self.budget = RetryBudget(self.client.retry)
         self.pinned = self.options.model_version
+        # Batches refused with a retryable error, to re-send once their backoff is over:
+        # (due time, batch id, lane index, lane generation).
+        self.retries: list[tuple[float, str, int, int]] = []
 
     def _open(self, index: int, generation: int) -> _Lane:
         return _Lane(self.client.open_stream(self.events, (index, generation)), generation)
 
-    def _send(self, lane_index: int, batch_id: str, array: np.ndarray) -> None:
-        lane = self.lanes[lane_index]
+    def _send(self, index: int, batch_id: str, array: np.ndarray) -> None:
+        if not self.lanes:
+            self.lanes = [self._open(i, 0) for i in range(self.loader.streams)]
+        lane = self.lanes[index % len(self.lanes)]
         lane.awaited[batch_id] = array
         lane.stream.send(array, self.options, self.model, batch_id)
 
@@ -127,7 +157,9 @@ class _Pass:
         return array
 
     def run(self) -> Iterator[tuple[Any, Any, SoftTargets]]:
-        pending: deque[tuple[str, Any, Any]] = deque()  # (batch_id, inputs, labels), in order
+        # (batch_id, inputs, labels, cached rows), in order
+        pending: deque[tuple[str, Any, Any, CachedRows | None]] = deque()
+        cache_pass = self.cached
         source = iter(self.loader.batches)
         exhausted, index = False, 0
         try:
@@ -140,27 +172,56 @@ class _Pass:
                         break
                     inputs, labels = _split(batch)
                     batch_id = f"{self.run_id}-{index}"
-                    self._send(index % len(self.lanes), batch_id, self._encode(inputs))
-                    self.stats.sent += 1
-                    pending.append((batch_id, inputs, labels))
+                    array = self._encode(inputs)
+                    cached = cache_pass.lookup(array) if cache_pass is not None else None
+                    if cache_pass is not None and cached is not None and cached.complete:
+                        self.answers[batch_id] = cache_pass.answer(cached, batch_id)
+                        self.stats.cached_batches += 1
+                    else:
+                        self._send(
+                            index, batch_id, array if cached is None else array[cached.missing]
+                        )
+                        self.stats.sent += 1
+                    pending.append((batch_id, inputs, labels, cached))
                     index += 1
                 if not pending:
                     return
-                batch_id, inputs, labels = pending.popleft()
+                batch_id, inputs, labels, cached = pending.popleft()
                 while batch_id not in self.answers:
-                    self._handle(self.events.get())
+                    self._handle(self._next_event())
                 answer = self.answers.pop(batch_id)
                 if isinstance(answer, TeacherError):
                     number = int(batch_id.rsplit("-", 1)[1])
                     raise type(answer)(
                         f"batch {number} (id {batch_id}): {answer.message}", answer.field
                     )
+                if cache_pass is not None and cached is not None:
+                    self.stats.cached_samples += len(cached.digests) - len(cached.missing)
+                    if cached.missing:
+                        answer = cache_pass.complete(cached, answer)
                 self.stats.yielded += 1
                 self.stats.samples += answer.batch_size
                 yield inputs, labels, answer
         finally:
             for lane in self.lanes:
                 lane.stream.close()
+
+    def _next_event(self) -> Event:
+        """The next event of the streams; meanwhile, re-send each refused batch whose backoff is
+        over (on its lane, unless that lane was replaced: a reconnect re-sent it already)."""
+        while True:
+            now = time.monotonic()
+            while self.retries and self.retries[0][0] <= now:
+                _, batch_id, lane_index, generation = heapq.heappop(self.retries)
+                lane = self.lanes[lane_index]
+                if lane.generation == generation and batch_id in lane.awaited:
+                    lane.stream.send(lane.awaited[batch_id], self.options, self.model, batch_id)
+                    self.stats.resent += 1
+            timeout = self.retries[0][0] - now if self.retries else None
+            try:
+                return self.events.get(timeout=timeout)
+            except queue.Empty:
+                continue
 
     def _handle(self, event: Event) -> None:
         tag, batch_id, answer = event
@@ -175,9 +236,13 @@ class _Pass:
         if batch_id not in lane.awaited:
             raise Internal(f"teacher answered unknown or repeated batch id {batch_id!r}")
         if isinstance(answer, TeacherError) and is_retryable(answer):
-            self.budget.failed(answer)  # sleeps the backoff, or raises when time is up
-            self.stats.resent += 1
-            lane.stream.send(lane.awaited[batch_id], self.options, self.model, batch_id)
+            # Re-sent after its backoff by `_next_event`, without holding up the other batches'
+            # answers (sleeping here, once per refused batch in turn, stalled the pass and could
+            # spend the retry time while answers from a working teacher waited in the queue).
+            delay = self.budget.next_delay(answer)  # raises when time is up
+            heapq.heappush(
+                self.retries, (time.monotonic() + delay, batch_id, lane_index, lane.generation)
+            )
             return
         del lane.awaited[batch_id]
         self.stats.received += 1

@@ -50,7 +50,7 @@ def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
             task=output.task,
             kind=_KINDS.get(output.kind, "probs"),
             values=_decode_array(output.values, field + ".values"),
-            indices=_decode_array(output.indices, field + ".indices")
+            indices=_decode_array(output.indices, field + ".indices").astype(np.int64)
             if output.HasField("indices")
             else None,
             tail_mass=_decode_array(output.tail_mass, field + ".tail_mass")

@@ -49,8 +49,9 @@ def is_retryable(error: BaseException) -> bool:
 
 
 class RetryBudget:
-    """Tracks one run of consecutive failures: `failed(error)` sleeps the next backoff, or raises
-    `error` when it cannot be retried or the time is up; `succeeded()` starts a fresh run."""
+    """Tracks one run of consecutive failures: `failed(error)` sleeps the next backoff (or
+    `next_delay(error)` returns it), or raises `error` when it cannot be retried or the time is
+    up; `succeeded()` starts a fresh run."""
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
@@ -60,14 +61,19 @@ class RetryBudget:
     def succeeded(self) -> None:
         self._first_failure, self._attempt = None, 0
 
-    def failed(self, error: TeacherError) -> None:
+    def next_delay(self, error: TeacherError) -> float:
+        """Count a failure and return the backoff before the retry, or raise `error` when it
+        cannot be retried or the time is up (without sleeping: see `failed`)."""
         now = time.monotonic()
         if self._first_failure is None:
             self._first_failure = now
         self._attempt += 1
         if not is_retryable(error) or now - self._first_failure >= self.policy.max_elapsed_s:
             raise error
-        time.sleep(self.policy.backoff(self._attempt))
+        return self.policy.backoff(self._attempt)
+
+    def failed(self, error: TeacherError) -> None:
+        time.sleep(self.next_delay(error))
 
 
 def call_with_retries(policy: RetryPolicy, call: Callable[[], T]) -> T:

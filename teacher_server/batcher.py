@@ -55,6 +55,7 @@ class DynamicBatcher:
         self.requests_forwarded = 0
         self._accepting = True
         self._busy = False  # a forward is running
+        self._lone = True  # the last forward held a single request
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -117,6 +118,10 @@ class DynamicBatcher:
         batch, samples = [first], first.request.batch_size
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_queue_delay
+        if self._queue.empty() and self._lone:
+            # The last forward held a single request too: no one to wait for, answer at once.
+            # Under concurrency requests queue during each forward and merge without waiting.
+            deadline = loop.time()
         while samples < self.max_batch_size:
             try:
                 if self._queue.empty():
@@ -159,6 +164,7 @@ class DynamicBatcher:
             return
         self.forwards += 1
         self.requests_forwarded += len(batch)
+        self._lone = len(batch) == 1
         if self._on_forward is not None:
             samples = sum(item.request.batch_size for item in batch)
             self._on_forward(len(batch), samples, time.perf_counter() - started)

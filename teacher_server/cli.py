@@ -26,8 +26,6 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in Settings.model_fields if hasattr(args, name)
     }
-    if "allowed_architectures" in overrides:
-        overrides["allowed_architectures"] = tuple(overrides["allowed_architectures"].split(","))
     return Settings(**overrides)
 
 

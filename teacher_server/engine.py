@@ -163,8 +163,11 @@ def shape_values(
     task: str, values: torch.Tensor, kind: str, top_k: int, output_dtype: str
 ) -> TaskResult:
     """One task's values (batch, classes) as the request asked: dense or top-k, in its dtype."""
+    classes = int(values.shape[1])
     if top_k == 0:
-        return TaskResult(task, kind, _round_dtype(values.float().cpu().numpy(), output_dtype))
+        return TaskResult(
+            task, kind, _round_dtype(values.float().cpu().numpy(), output_dtype), classes=classes
+        )
     top_values, top_indices = torch.topk(values, top_k, dim=1)  # (batch, k), descending
     tail_mass = None
     if kind != "logits":
@@ -176,4 +179,5 @@ def shape_values(
         _round_dtype(top_values.float().cpu().numpy(), output_dtype),
         top_indices.cpu().numpy().astype(np.int64),
         tail_mass,
+        classes,
     )

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
-from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Internal, TeacherError
+from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Internal, InvalidArgument, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server import wire
@@ -31,6 +33,59 @@ def _stream_error(batch_id: str, error: TeacherError) -> pb.StreamSoftTargetsRes
 async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None:
     context.set_trailing_metadata(((GRPC_CODE_KEY, error.code), (GRPC_FIELD_KEY, error.field)))
     await context.abort(error.grpc_status, error.message)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse, so the handler can answer with
+    INVALID_ARGUMENT naming `body` instead of grpc's bare UNKNOWN."""
+
+    def __init__(self, error: InvalidArgument) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    name = descriptor.full_name if descriptor is not None else "request message"
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as error:
+            return _Undecodable(InvalidArgument(f"body: not a {name} ({error})", "body"))
+
+    return decode
+
+
+class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Unparseable unary requests get INVALID_ARGUMENT (field `body`) with the error metadata,
+    like every other bad input. (A stream's messages are parsed by grpc before any handler runs;
+    a corrupt one still ends that stream.)"""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (
+            handler is None
+            or handler.request_streaming
+            or handler.response_streaming
+            or handler.request_deserializer is None
+        ):
+            return handler
+        inner = handler.unary_unary
+
+        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await _abort(context, request.error)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behaviour,  # type: ignore[arg-type]
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 class TeacherServicer(pb_grpc.TeacherServiceServicer):

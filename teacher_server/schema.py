@@ -58,6 +58,7 @@ class TaskResult:
     values: np.ndarray
     indices: np.ndarray | None = None
     tail_mass: np.ndarray | None = None
+    classes: int = 0  # the task's number of classes
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@ over defaults that run with no configuration."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -30,12 +31,18 @@ class Settings(BaseSettings):
         ge=0,
         description="re-scan the repository every N seconds and reload changed models; 0: off",
     )
-    allowed_architectures: tuple[str, ...] = Field(
+    allowed_architectures: Annotated[tuple[str, ...], NoDecode] = Field(
         ("teacher_server.models.",),
         description="import-path prefixes a config.json may name as its architecture",
     )
     device: str = Field(
         "auto", description="torch device: auto (cuda when available), cpu, cuda:0..."
+    )
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="CPU threads for the forward; 0: torch's default (all cores). Set 1 "
+        "when students train on the same machine",
     )
     allow_tf32: bool = Field(
         False,
@@ -83,6 +90,16 @@ class Settings(BaseSettings):
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    @field_validator("allowed_architectures", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        """`TEACHER_ALLOWED_ARCHITECTURES=pkg_a.,pkg_b.` or a JSON list, as well as a list."""
+        if isinstance(value, str) and value.lstrip().startswith("["):
+            return tuple(json.loads(value))
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        return value
+
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
@@ -98,6 +115,8 @@ class Settings(BaseSettings):
 
     def apply_torch_settings(self) -> None:
         """Process-wide torch switches this teacher needs; called once when the server starts."""
+        if self.torch_threads > 0:
+            torch.set_num_threads(self.torch_threads)
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from protocol import codec
 from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
@@ -61,7 +63,9 @@ def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
             values=codec.encode(task.values, output_dtype),
         )
         if task.indices is not None:
-            output.indices.CopyFrom(codec.encode(task.indices))
+            # The narrowest integer type that holds every class index: UINT8 up to 256 classes.
+            narrow = np.uint8 if task.classes <= 256 else np.int32
+            output.indices.CopyFrom(codec.encode(task.indices.astype(narrow)))
         if task.tail_mass is not None:
             output.tail_mass.CopyFrom(codec.encode(task.tail_mass))
         outputs.append(output)

@@ -1,0 +1,929 @@
+"""Throughput benchmark of the teacher service ("Fast soft targets"), all cells side by side in one
+run, on the default teacher (the MNIST multi-task CNN) and real MNIST test images.
+
+    python -m bench.throughput [--quick] [--json out.json] [--repository PATH] [--duration S]
+                               [--rounds N] [--device cpu] [--kserve]
+
+Tables (samples/s are samples per second of wall time; latencies are per request, in ms):
+
+a. Transports at batch 1, 32 and 256: the in-process engine (`Engine.run`: input copy, forward,
+   per-task softmax at T = 4, results as numpy; the physical limit), gRPC unary, a gRPC stream
+   with 16 batches in flight (float32 and uint8 inputs), HTTP JSON and HTTP protobuf, each with
+   its ratio to in-process at the same batch size.
+b. Concurrency: 1, 8 and 32 client threads (each its own `TeacherClient`, gRPC unary, batch 8)
+   against the default teacher (batcher on), a teacher with `--max-queue-delay-ms 0` (no wait:
+   merges only what queued during the previous forward) and a teacher with
+   `--max-queue-delay-ms 0 --max-batch-size 8` (batcher off: a request of 8 fills a forward, so
+   every forward holds exactly one request), with the server's requests per forward (from
+   `/metrics`) and both processes' CPU ms per request; plus one client of batch 256.
+c. Bytes on the wire per sample for a batch of 256 (serialized `SoftTargetsResponse` size / 256)
+   for dense float32 / float16 / bfloat16 and top-k, for the `digit` task alone and all tasks,
+   and request bytes per sample for float32, float16 and uint8 inputs.
+d. The issue's targets with the measured values, PASS/FAIL (informational: exit code 0).
+e. With `--kserve`: the same teacher, and the issue's light teacher (MLP 64-512-512, 3 heads, on
+   scikit-learn digits), behind KServe's Python ModelServer (separate venv and process), v2 REST
+   JSON and v2 gRPC at batch 1 and 256, against our server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import torch
+
+from bench.common import (
+    DEFAULT_MODEL,
+    DEFAULT_REPOSITORY,
+    Budget,
+    Measurement,
+    cycled_batches,
+    ensure_repository,
+    free_port,
+    machine_summary,
+    print_table,
+    ratio,
+    run_subprocess_json,
+    teacher_process,
+    time_calls,
+    time_stream,
+    write_json,
+)
+from protocol.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.client import TeacherClient
+from student_client.datasets import mnist_multitask
+from student_client.messages import request_to_pb
+from student_client.teacher_process import TeacherProcess
+from student_client.types import TargetOptions
+from teacher_server.engine import Engine
+from teacher_server.repository import load_model
+from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+
+BATCH_SIZES = (1, 32, 256)
+STREAM_DEPTH = 16
+CLIENT_COUNTS = (1, 8, 32)
+CONCURRENCY_BATCH = 8
+BATCHER_OFF_ARGS = ("--max-queue-delay-ms", "0", "--max-batch-size", str(CONCURRENCY_BATCH))
+NO_DELAY_ARGS = ("--max-queue-delay-ms", "0")
+# Section b's teachers: (label, extra serve flags). "batcher on" is the default teacher (waits up
+# to 2 ms to merge); "no wait" merges only what queued while the previous forward ran; "batcher
+# off" holds exactly one request of 8 per forward (a request of 8 fills max_batch_size 8).
+CONCURRENCY_TEACHERS = (
+    ("batcher on", ()),
+    ("batcher on, no wait", NO_DELAY_ARGS),
+    ("batcher off", BATCHER_OFF_ARGS),
+)
+TEMPERATURE = 4.0
+OPTIONS = TargetOptions(temperature=TEMPERATURE, output="probs")  # all tasks, dense float32
+LIGHT_ARGS = ("--allowed-architectures", "bench.,teacher_server.models.")
+TRANSPORTS = (
+    "in-process",
+    "grpc-unary",
+    "grpc-stream",
+    "grpc-stream-uint8",
+    "http-json",
+    "http-protobuf",
+)
+
+
+# --- a. transports ---------------------------------------------------------------------------
+
+
+def load_engine(
+    folder: Path, device: str = "cpu", allowed: tuple[str, ...] = ("teacher_server.models.",)
+) -> Engine:
+    """The server's own engine for one model folder, in this process, on `device`."""
+    return Engine(load_model(folder, torch.device(device), allowed))
+
+
+def in_process_call(engine: Engine) -> Callable[[np.ndarray], object]:
+    """`Engine.run` on one request of every task at T = 4: what the batcher's worker does for a
+    forward holding one request (input copy, forward, softmax per task, numpy results)."""
+    tasks = engine.config.task_names
+    name = engine.config.name
+
+    def call(batch: np.ndarray) -> object:
+        request = SoftTargetsRequest(model=name, inputs=batch, tasks=tasks, temperature=TEMPERATURE)
+        return engine.run([ValidatedRequest(request, tasks, batch)])
+
+    return call
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Pixels in [0, 1] back to 0..255 bytes (exact for MNIST, which is k / 255)."""
+    return np.rint(images * 255.0).astype(np.uint8)
+
+
+def bench_transports(
+    engine: Engine,
+    grpc_address: str,
+    http_url: str,
+    images: np.ndarray,
+    batch_sizes: Sequence[int],
+    budget: Budget,
+) -> dict[str, dict[int, Measurement]]:
+    """Table a: every transport at every batch size (interleaved per batch size, so slow drifts
+    of a shared machine hit all transports alike)."""
+    results: dict[str, dict[int, Measurement]] = {name: {} for name in TRANSPORTS}
+    with contextlib.ExitStack() as stack:
+        unary = stack.enter_context(TeacherClient(grpc_address))
+        http_json = stack.enter_context(TeacherClient(http_url, transport="http-json"))
+        http_pb = stack.enter_context(TeacherClient(http_url, transport="http"))
+        cells: dict[str, Callable[[list[np.ndarray]], Measurement]] = {
+            "in-process": lambda b: time_calls("in-process", in_process_call(engine), b, budget),
+            "grpc-unary": lambda b: time_calls(
+                "grpc-unary", lambda x: unary.soft_targets_with(x, OPTIONS), b, budget
+            ),
+            "grpc-stream": lambda b: time_stream(
+                "grpc-stream", unary, b, OPTIONS, STREAM_DEPTH, budget
+            ),
+            "grpc-stream-uint8": lambda b: time_stream(
+                "grpc-stream-uint8", unary, b, OPTIONS, STREAM_DEPTH, budget
+            ),
+            "http-json": lambda b: time_calls(
+                "http-json", lambda x: http_json.soft_targets_with(x, OPTIONS), b, budget
+            ),
+            "http-protobuf": lambda b: time_calls(
+                "http-protobuf", lambda x: http_pb.soft_targets_with(x, OPTIONS), b, budget
+            ),
+        }
+        for size in batch_sizes:
+            batches = cycled_batches(images, size, 8)
+            for name, measure in cells.items():
+                data = [to_uint8(b) for b in batches] if name.endswith("uint8") else batches
+                results[name][size] = measure(data)
+                print(f"  a. {name:<18} batch {size:>3}: {results[name][size].samples_per_s:,.0f}")
+    return results
+
+
+def print_transports(results: dict[str, dict[int, Measurement]]) -> None:
+    sizes = sorted(results["in-process"])
+    rows = []
+    for name, cells in results.items():
+        for size in sizes:
+            m = cells[size]
+            reference = results["in-process"][size].samples_per_s
+            rows.append(
+                [
+                    name,
+                    size,
+                    m.samples_per_s,
+                    m.p50_ms,
+                    m.p99_ms,
+                    ratio(m.samples_per_s, reference),
+                    m.requests,
+                    m.note,
+                ]
+            )
+    print_table(
+        "a. Transports (default teacher, all 3 tasks, probs at T=4, float32 inputs unless noted)",
+        ["transport", "batch", "samples/s", "p50 ms", "p99 ms", "x in-proc", "requests", "note"],
+        rows,
+    )
+
+
+def best_of_rounds(
+    rounds: Sequence[dict[str, dict[int, Measurement]]],
+) -> dict[str, dict[int, Measurement]]:
+    """Per cell, the round with the highest samples/s (on a shared machine, the round least
+    disturbed by other work; with one round, that round)."""
+    best = {name: dict(cells) for name, cells in rounds[0].items()}
+    for other in rounds[1:]:
+        for name, cells in other.items():
+            for size, m in cells.items():
+                if m.samples_per_s > best[name][size].samples_per_s:
+                    best[name][size] = m
+    return best
+
+
+# --- b. concurrency ----------------------------------------------------------------------------
+
+
+def batch_requests_snapshot(http_url: str) -> tuple[float, float] | None:
+    """(sum, count) of the `teacher_batch_requests` histogram on `GET /metrics` (summed over its
+    label sets), or None when there is no such endpoint or histogram."""
+    try:
+        response = httpx.get(f"{http_url}/metrics", timeout=5.0)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    total = {"_sum": 0.0, "_count": 0.0}
+    found = False
+    for line in response.text.splitlines():
+        if not line.startswith("teacher_batch_requests_"):
+            continue
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        suffix = name.removeprefix("teacher_batch_requests")
+        if suffix in total:
+            total[suffix] += float(line.rsplit(" ", 1)[1])
+            found = True
+    return (total["_sum"], total["_count"]) if found else None
+
+
+def requests_per_forward(http_url: str, since: tuple[float, float] | None = None) -> float | None:
+    """*** Server-side number: mean requests merged per forward. ***
+
+    Parses the Prometheus text of `GET {http_url}/metrics` for a histogram named
+    `teacher_batch_requests` (one observation per forward: the number of requests in it) and
+    returns sum / count, over the window since the snapshot `since` when one is given. Returns
+    None when the endpoint or the histogram is missing (the tables then print "n/a")."""
+    now = batch_requests_snapshot(http_url)
+    if now is None:
+        return None
+    total, count = now
+    if since is not None:
+        total, count = total - since[0], count - since[1]
+    return total / count if count > 0 else None
+
+
+def run_clients(
+    grpc_address: str, clients: int, batches: Sequence[np.ndarray], budget: Budget
+) -> Measurement:
+    """`clients` threads, each with its own gRPC `TeacherClient`, sending unary requests back to
+    back for `budget.duration_s` (each at most `budget.max_calls` calls); samples/s over the wall
+    time from the common start to the last answer."""
+    result = Measurement(f"{clients} clients", len(batches[0]))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    timing: dict[str, float] = {}
+
+    def begin() -> None:  # runs once, when every thread has arrived, before any is released
+        timing["start"] = time.perf_counter()
+        timing["deadline"] = timing["start"] + budget.duration_s
+
+    start_gate = threading.Barrier(clients + 1, action=begin)
+
+    def worker(offset: int) -> None:
+        latencies: list[float] = []
+        try:
+            with TeacherClient(grpc_address) as client:
+                for i in range(2):  # connect and warm up before the common start
+                    client.soft_targets_with(batches[(offset + i) % len(batches)], OPTIONS)
+                start_gate.wait(timeout=120)
+                for i in range(budget.max_calls):
+                    sent = time.perf_counter()
+                    client.soft_targets_with(batches[(offset + i) % len(batches)], OPTIONS)
+                    done = time.perf_counter()
+                    latencies.append(done - sent)
+                    if done >= timing["deadline"]:
+                        break
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+            with contextlib.suppress(threading.BrokenBarrierError):
+                start_gate.abort()
+        with lock:
+            result.latencies_s.extend(latencies)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    with contextlib.suppress(threading.BrokenBarrierError):  # a worker failed: raised below
+        start_gate.wait(timeout=180)
+    for thread in threads:
+        thread.join(timeout=budget.duration_s + 120)
+    if errors or "start" not in timing:
+        raise errors[0] if errors else RuntimeError("clients did not start together")
+    result.seconds = time.perf_counter() - timing["start"]
+    result.requests = len(result.latencies_s)
+    result.samples = result.requests * len(batches[0])
+    return result
+
+
+@dataclass
+class ConcurrencyRow:
+    """One cell of table b; `server_cpu_ms` / `client_cpu_ms`: CPU time (user + system, all
+    threads) the teacher process / this benchmark process spent per request during the cell."""
+
+    teacher: str  # "batcher on" / "batcher on, no wait" / "batcher off"
+    measurement: Measurement
+    requests_per_forward: float | None
+    server_cpu_ms: float = float("nan")
+    client_cpu_ms: float = float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "teacher": self.teacher,
+            "requests_per_forward": self.requests_per_forward,
+            "server_cpu_ms_per_request": round(self.server_cpu_ms, 4),
+            "client_cpu_ms_per_request": round(self.client_cpu_ms, 4),
+            **self.measurement.to_json(),
+        }
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, every thread) used so far by process `pid` (Linux /proc);
+    NaN where /proc is not readable."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def bench_concurrency(
+    label: str, teacher: TeacherProcess, images: np.ndarray, budget: Budget
+) -> list[ConcurrencyRow]:
+    """Table b for one teacher: 1, 8 and 32 clients of batch 8, with the server's requests per
+    forward and both processes' CPU time per request (the client's includes its warm-up calls)."""
+    batches = cycled_batches(images, CONCURRENCY_BATCH, 64)
+    pid = teacher.process.pid
+    rows = []
+    for clients in CLIENT_COUNTS:
+        before = batch_requests_snapshot(teacher.http_url)
+        server_cpu, client_cpu = process_cpu_s(pid), time.process_time()
+        measurement = run_clients(teacher.grpc_address, clients, batches, budget)
+        server_cpu, client_cpu = process_cpu_s(pid) - server_cpu, time.process_time() - client_cpu
+        per_request = 1000.0 / max(measurement.requests, 1)
+        rows.append(
+            ConcurrencyRow(
+                label,
+                measurement,
+                requests_per_forward(teacher.http_url, before),
+                server_cpu * per_request,
+                client_cpu * per_request,
+            )
+        )
+        print(f"  b. {label}, {clients:>2} clients: {measurement.samples_per_s:,.0f} samples/s")
+    return rows
+
+
+def print_concurrency(rows: Sequence[ConcurrencyRow], reference: Measurement) -> None:
+    table = [
+        [
+            row.teacher,
+            row.measurement.label,
+            row.measurement.batch_size,
+            row.measurement.samples_per_s,
+            row.measurement.p50_ms,
+            row.measurement.p99_ms,
+            "n/a" if row.requests_per_forward is None else f"{row.requests_per_forward:.2f}",
+            row.server_cpu_ms,
+            row.client_cpu_ms,
+            ratio(row.measurement.samples_per_s, reference.samples_per_s),
+        ]
+        for row in rows
+    ]
+    table.append(
+        [
+            "batcher on",
+            "1 client (table a)",
+            reference.batch_size,
+            reference.samples_per_s,
+            reference.p50_ms,
+            reference.p99_ms,
+            "n/a",
+            float("nan"),
+            float("nan"),
+            1.0,
+        ]
+    )
+    print_table(
+        f"b. Concurrency: gRPC unary, batch {CONCURRENCY_BATCH} per client (threads); batcher "
+        f"off = --max-queue-delay-ms 0 --max-batch-size {CONCURRENCY_BATCH}",
+        [
+            "teacher",
+            "clients",
+            "batch",
+            "samples/s",
+            "p50 ms",
+            "p99 ms",
+            "req/forward",
+            "server CPU ms/req",
+            "client CPU ms/req",
+            "x 1x256",
+        ],
+        table,
+    )
+
+
+# --- c. bytes on the wire ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WireVariant:
+    name: str
+    output_dtype: str = "float32"
+    top_k: int = 0
+
+
+WIRE_VARIANTS = (
+    WireVariant("dense float32"),
+    WireVariant("dense float16", "float16"),
+    WireVariant("dense bfloat16", "bfloat16"),
+    WireVariant("top-1 float32", top_k=1),
+    WireVariant("top-3 float32", top_k=3),
+    WireVariant("top-5 float32", top_k=5),
+    WireVariant("top-5 float16", "float16", 5),
+)
+
+
+def response_bytes(
+    stub: pb_grpc.TeacherServiceStub,
+    batch: np.ndarray,
+    tasks: tuple[str, ...],
+    variant: WireVariant,
+) -> dict[str, float] | str:
+    """Bytes per sample of the serialized response and of its tensor payloads; or the server's
+    error message when the variant is refused (e.g. top_k above a task's class count)."""
+    options = TargetOptions(
+        tasks=tasks,
+        temperature=TEMPERATURE,
+        top_k=variant.top_k,
+        output_dtype=variant.output_dtype,
+    )
+    request = request_to_pb(batch, options, DEFAULT_MODEL, "wire-bytes")
+    try:
+        response = stub.GetSoftTargets(request, timeout=60)
+    except grpc.RpcError as error:
+        return f"refused: {error.details()}"  # type: ignore[attr-defined]
+    payload = sum(
+        len(o.values.data) + len(o.indices.data) + len(o.tail_mass.data) for o in response.outputs
+    )
+    n = len(batch)
+    return {"bytes_per_sample": len(response.SerializeToString()) / n, "payload": payload / n}
+
+
+def bench_wire_bytes(grpc_address: str, images: np.ndarray) -> dict[str, Any]:
+    """Table c: response bytes per sample per variant and task set; request bytes per sample
+    per input dtype (batch of 256)."""
+    batch = cycled_batches(images, 256, 1)[0]
+    results: dict[str, Any] = {"responses": {}, "requests": {}}
+    with grpc.insecure_channel(
+        grpc_address, options=[("grpc.max_receive_message_length", 256 << 20)]
+    ) as channel:
+        stub = pb_grpc.TeacherServiceStub(channel)
+        for task_set, tasks in (("digit", ("digit",)), ("all tasks", ())):
+            results["responses"][task_set] = {
+                v.name: response_bytes(stub, batch, tasks, v) for v in WIRE_VARIANTS
+            }
+    for dtype, array in (
+        ("float32", batch),
+        ("float16", batch.astype(np.float16)),
+        ("uint8", to_uint8(batch)),
+    ):
+        message = request_to_pb(array, OPTIONS, DEFAULT_MODEL, "wire-bytes")
+        results["requests"][dtype] = len(message.SerializeToString()) / len(batch)
+    return results
+
+
+def print_wire_bytes(results: dict[str, Any]) -> None:
+    rows: list[list[object]] = []
+    for variant in WIRE_VARIANTS:
+        row: list[object] = [variant.name]
+        for task_set in ("digit", "all tasks"):
+            cell = results["responses"][task_set][variant.name]
+            if isinstance(cell, str):
+                row += ["n/a", "n/a"]
+            else:
+                row += [cell["bytes_per_sample"], cell["payload"]]
+        rows.append(row)
+    print_table(
+        "c. Response bytes per sample (batch 256; 'total' = serialized SoftTargetsResponse / 256,"
+        " 'tensors' = values + indices (int64) + tail_mass bytes; n/a: top_k above parity's 2"
+        " classes is refused)",
+        ["output", "digit total", "digit tensors", "all total", "all tensors"],
+        rows,
+    )
+    print_table(
+        "c. Request bytes per sample (batch 256, serialized SoftTargetsRequest / 256)",
+        ["input dtype", "bytes/sample"],
+        [[dtype, value] for dtype, value in results["requests"].items()],
+    )
+
+
+# --- e. KServe ---------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def kserve_process(python: Path, folders: Sequence[Path], timeout: float = 180.0) -> Iterator[Any]:
+    """bench/kserve_teacher.py serving `folders` on free loopback ports; yields (http_url,
+    grpc_address) once every model answers ready."""
+    http_port, grpc_port = free_port(), free_port()
+    command = [str(python), "-m", "bench.kserve_teacher"]
+    for folder in folders:
+        command += ["--model-dir", str(folder)]
+    command += [
+        "--http_port",
+        str(http_port),
+        "--grpc_port",
+        str(grpc_port),
+        "--enable_latency_logging",
+        "false",
+    ]
+    from bench.common import REPO_ROOT
+
+    log = tempfile.NamedTemporaryFile(prefix="bench-kserve-", suffix=".log", delete=False)
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+    http_url = f"http://127.0.0.1:{http_port}"
+    try:
+        wait_kserve_ready(process, http_url, [f.name for f in folders], timeout, Path(log.name))
+        yield http_url, f"127.0.0.1:{grpc_port}"
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log.close()
+        Path(log.name).unlink(missing_ok=True)
+
+
+def wait_kserve_ready(
+    process: subprocess.Popen[bytes], http_url: str, models: list[str], timeout: float, log: Path
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"KServe exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        with contextlib.suppress(httpx.HTTPError):
+            if all(
+                httpx.get(f"{http_url}/v2/models/{m}/ready", timeout=2).status_code == 200
+                for m in models
+            ):
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"KServe not ready within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def kserve_measurements(
+    python: Path,
+    http_url: str,
+    grpc_address: str,
+    model: str,
+    samples: np.ndarray,
+    budget: Budget,
+) -> dict[str, dict[int, Measurement]]:
+    """Run bench/kserve_client.py (in the KServe venv) and turn its output into Measurements."""
+    with tempfile.TemporaryDirectory(prefix="bench-kserve-") as folder:
+        inputs = Path(folder) / "inputs.npy"
+        np.save(inputs, samples)
+        raw = run_subprocess_json(
+            [
+                str(python),
+                "-m",
+                "bench.kserve_client",
+                "--http-url",
+                http_url,
+                "--grpc-address",
+                grpc_address,
+                "--model",
+                model,
+                "--inputs",
+                str(inputs),
+                "--batch-sizes",
+                "1,256",
+                "--temperature",
+                str(TEMPERATURE),
+                "--duration",
+                str(budget.duration_s),
+                "--warmup",
+                str(budget.warmup_s),
+                "--max-calls",
+                str(budget.max_calls),
+                "--in-flight",
+                str(STREAM_DEPTH),
+            ],
+            timeout=300 + 20 * budget.duration_s,
+        )
+    names = {
+        "rest_json": "kserve v2 REST JSON",
+        "grpc": "kserve v2 gRPC",
+        "grpc_in_flight": "kserve v2 gRPC",
+    }
+    results: dict[str, dict[int, Measurement]] = {}
+    for cell, by_size in raw.items():
+        results[cell] = {}
+        for size, data in by_size.items():
+            m = Measurement(names[cell], int(size), seconds=float(data["seconds"]))
+            m.latencies_s = [float(x) for x in data["latencies_s"]]
+            m.requests = len(m.latencies_s)
+            m.samples = int(data["samples"])
+            m.note = f"{STREAM_DEPTH} in flight" if cell == "grpc_in_flight" else "1 in flight"
+            results[cell][int(size)] = m
+    return results
+
+
+def bench_ours_light(
+    light_folder: Path, grpc_address: str, http_url: str, samples: np.ndarray, budget: Budget
+) -> dict[str, dict[int, Measurement]]:
+    """Our server with the light teacher: in-process, gRPC unary, gRPC stream, HTTP JSON."""
+    engine = load_engine(light_folder, "cpu", ("bench.",))
+    results: dict[str, dict[int, Measurement]] = {}
+    with (
+        TeacherClient(grpc_address) as client,
+        TeacherClient(http_url, transport="http-json") as http_json,
+    ):
+        cells: dict[str, Callable[[list[np.ndarray]], Measurement]] = {
+            "in-process": lambda b: time_calls("in-process", in_process_call(engine), b, budget),
+            "grpc-unary": lambda b: time_calls(
+                "grpc-unary", lambda x: client.soft_targets_with(x, OPTIONS), b, budget
+            ),
+            "grpc-stream": lambda b: time_stream(
+                "grpc-stream", client, b, OPTIONS, STREAM_DEPTH, budget
+            ),
+            "http-json": lambda b: time_calls(
+                "http-json", lambda x: http_json.soft_targets_with(x, OPTIONS), b, budget
+            ),
+        }
+        for size in (1, 256):
+            batches = cycled_batches(samples, size, 8)
+            for name, measure in cells.items():
+                results.setdefault(name, {})[size] = measure(batches)
+                print(f"  e. ours light {name:<12} batch {size:>3}: ", end="")
+                print(f"{results[name][size].samples_per_s:,.0f}")
+    return results
+
+
+def comparison_rows(
+    ours: dict[str, dict[int, Measurement]], theirs: dict[str, dict[int, Measurement]]
+) -> list[list[object]]:
+    rows: list[list[object]] = []
+    for server, cells in (("ours", ours), ("kserve", theirs)):
+        for name, by_size in cells.items():
+            row: list[object] = [server, by_size[1].label if server == "kserve" else name]
+            row.append(by_size[1].note or "1 in flight")
+            for size in (1, 256):
+                row += [by_size[size].samples_per_s, by_size[size].p50_ms]
+            rows.append(row)
+    return rows
+
+
+def print_comparison(
+    title: str, ours: dict[str, dict[int, Measurement]], theirs: dict[str, dict[int, Measurement]]
+) -> None:
+    print_table(
+        title,
+        ["server", "transport", "in flight", "b1 samples/s", "b1 p50 ms", "b256 samples/s",
+         "b256 p50 ms"],
+        comparison_rows(ours, theirs),
+    )  # fmt: skip
+
+
+def best_grpc(cells: dict[str, dict[int, Measurement]], size: int) -> float:
+    """The best gRPC samples/s at `size` among the cells whose name mentions grpc."""
+    return max(
+        (by_size[size].samples_per_s for name, by_size in cells.items() if "grpc" in name),
+        default=float("nan"),
+    )
+
+
+Cells = dict[str, dict[int, Measurement]]  # transport -> batch size -> measurement
+
+
+def dump_cells(cells: Cells) -> dict[str, Any]:
+    return {k: {str(s): m.to_json() for s, m in v.items()} for k, v in cells.items()}
+
+
+@dataclass
+class KServeComparison:
+    """Section e: our server and KServe on the default teacher (CNN) and the light teacher."""
+
+    version: str | None
+    cnn_ours: Cells
+    cnn_kserve: Cells
+    light_ours: Cells
+    light_kserve: Cells
+
+    @property
+    def light_ratio_b256(self) -> float:
+        return ratio(best_grpc(self.light_ours, 256), best_grpc(self.light_kserve, 256))
+
+    @property
+    def light_ratio_b1(self) -> float:
+        return ratio(best_grpc(self.light_ours, 1), best_grpc(self.light_kserve, 1))
+
+    def print(self) -> None:
+        print_comparison(
+            f"e. Default teacher (CNN): ours vs KServe {self.version}",
+            self.cnn_ours,
+            self.cnn_kserve,
+        )
+        print_comparison(
+            f"e. Light teacher (MLP 64-512-512): ours vs KServe {self.version}",
+            self.light_ours,
+            self.light_kserve,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kserve_version": self.version,
+            "default_teacher": {
+                "ours": dump_cells(self.cnn_ours),
+                "kserve": dump_cells(self.cnn_kserve),
+            },
+            "light_teacher": {
+                "ours": dump_cells(self.light_ours),
+                "kserve": dump_cells(self.light_kserve),
+            },
+            "light_ratio_b256": self.light_ratio_b256,
+            "light_ratio_b1": self.light_ratio_b1,
+        }
+
+
+def bench_kserve(repository: Path, ours_cnn: Cells, budget: Budget) -> KServeComparison:
+    """Section e: measure the light teacher on our server, then both teachers on KServe (the CNN
+    on our server comes from table a of the same run)."""
+    from bench.kserve_env import ensure_kserve_venv, kserve_version
+    from bench.light_teacher import LIGHT_MODEL_NAME, build_light_repository, digits_data
+
+    python = ensure_kserve_venv()
+    version = kserve_version()
+    print(f"\ne. KServe {version} ({python})")
+    mnist = mnist_multitask().test_x
+    light_samples = digits_data()[2]
+    with tempfile.TemporaryDirectory(prefix="bench-light-") as folder:
+        light_root = build_light_repository(Path(folder))
+        light_folder = light_root / LIGHT_MODEL_NAME
+        with teacher_process(light_root, (*LIGHT_ARGS, "--device", "cpu")) as teacher:
+            ours_light = bench_ours_light(
+                light_folder, teacher.grpc_address, teacher.http_url, light_samples, budget
+            )
+        with kserve_process(python, [repository / DEFAULT_MODEL, light_folder]) as (http, grpc_):
+            kserve_cnn = kserve_measurements(python, http, grpc_, DEFAULT_MODEL, mnist, budget)
+            print("  e. KServe default teacher measured")
+            kserve_light = kserve_measurements(
+                python, http, grpc_, LIGHT_MODEL_NAME, light_samples, budget
+            )
+            print("  e. KServe light teacher measured")
+    names = ("in-process", "grpc-unary", "grpc-stream", "http-json", "http-protobuf")
+    cnn_ours = {name: {size: ours_cnn[name][size] for size in (1, 256)} for name in names}
+    return KServeComparison(version, cnn_ours, kserve_cnn, ours_light, kserve_light)
+
+
+# --- d. targets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    measured: float
+    target: float
+
+    @property
+    def passed(self) -> bool:
+        return self.measured >= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "measured": round(self.measured, 4),
+            "target": self.target,
+            "pass": self.passed,
+        }
+
+
+def targets(
+    transports: dict[str, dict[int, Measurement]],
+    concurrency: Sequence[ConcurrencyRow],
+    kserve: KServeComparison | None,
+) -> list[Target]:
+    big = max(transports["in-process"])
+    reference = transports["in-process"][big].samples_per_s
+    at32 = {
+        row.teacher: row.measurement.samples_per_s
+        for row in concurrency
+        if row.measurement.label == "32 clients"
+    }
+    on32, off32 = at32["batcher on"], at32["batcher off"]
+    one_big = transports["grpc-unary"][big].samples_per_s
+    result = [
+        Target(
+            f"gRPC stream at batch {big} / in-process",
+            ratio(transports["grpc-stream"][big].samples_per_s, reference),
+            0.85,
+        ),
+        Target(
+            f"HTTP protobuf at batch {big} / in-process",
+            ratio(transports["http-protobuf"][big].samples_per_s, reference),
+            0.7,
+        ),
+        Target(f"32 clients x 8, batcher on / 1 client x {big}", ratio(on32, one_big), 0.7),
+        Target("32 clients x 8, batcher on / batcher off", ratio(on32, off32), 3.0),
+    ]
+    if kserve is not None:
+        result += [
+            Target("light teacher, ours / KServe gRPC at batch 256", kserve.light_ratio_b256, 2.5),
+            Target("light teacher, ours / KServe gRPC at batch 1", kserve.light_ratio_b1, 10.0),
+        ]  # fmt: skip
+    return result
+
+
+def print_targets(items: Sequence[Target]) -> None:
+    print_table(
+        "d. Targets of the issue (informational; measured on this machine, this run)",
+        ["target", "measured", "needed", "result"],
+        [[t.name, t.measured, f">= {t.target:g}x", "PASS" if t.passed else "FAIL"] for t in items],
+    )
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--json", type=Path, help="write every number to this JSON file")
+    parser.add_argument("--quick", action="store_true", help="short cells (the run takes ~1 min)")
+    parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    parser.add_argument("--duration", type=float, help="timed seconds per cell (default 3)")
+    parser.add_argument("--kserve", action="store_true", help="also compare with KServe (e.)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the teachers and the in-process engine (default cpu; --kserve "
+        "compares on the CPU only)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat table a this many times (interleaved) and keep each cell's best round",
+    )
+    return parser.parse_args(argv)
+
+
+def budget_for(args: argparse.Namespace) -> Budget:
+    if args.quick:
+        return Budget(duration_s=args.duration or 0.5, warmup_s=0.2)
+    return Budget(duration_s=args.duration or 3.0, warmup_s=0.5)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.kserve and args.device != "cpu":
+        raise SystemExit("--kserve compares CPU serving: use it with --device cpu")
+    budget = budget_for(args)
+    started = time.perf_counter()
+    repository = ensure_repository(args.repository.resolve())
+    images = mnist_multitask().test_x  # 1,000 held-out real MNIST images, float32 in [0, 1]
+    machine = machine_summary()
+    print(f"machine: {machine}")
+    print(f"budget per cell: {budget}")
+    device_args = ("--device", args.device)
+    engine = load_engine(repository / DEFAULT_MODEL, args.device)
+    with teacher_process(repository, device_args) as teacher:
+        print(f"teacher (batcher on): gRPC {teacher.grpc_address}, HTTP {teacher.http_url}")
+        transports = best_of_rounds(
+            [
+                bench_transports(
+                    engine, teacher.grpc_address, teacher.http_url, images, BATCH_SIZES, budget
+                )
+                for _ in range(args.rounds)
+            ]
+        )
+        wire = bench_wire_bytes(teacher.grpc_address, images)
+        concurrency = bench_concurrency("batcher on", teacher, images, budget)
+    for label, extra in CONCURRENCY_TEACHERS[1:]:
+        with teacher_process(repository, (*extra, *device_args)) as teacher:
+            concurrency += bench_concurrency(label, teacher, images, budget)
+    kserve = bench_kserve(repository, transports, budget) if args.kserve else None
+    print_transports(transports)
+    print_concurrency(concurrency, transports["grpc-unary"][max(BATCH_SIZES)])
+    print_wire_bytes(wire)
+    if kserve is not None:
+        kserve.print()
+    items = targets(transports, concurrency, kserve)
+    print_targets(items)
+    elapsed = time.perf_counter() - started
+    print(f"\ntotal {elapsed:.0f}s; machine load now {os.getloadavg()}")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "machine": machine,
+                "budget": dataclasses.asdict(budget),
+                "quick": args.quick,
+                "rounds": args.rounds,
+                "seconds": round(elapsed, 1),
+                "transports": {
+                    name: {str(size): m.to_json() for size, m in cells.items()}
+                    for name, cells in transports.items()
+                },
+                "concurrency": [row.to_json() for row in concurrency],
+                "wire_bytes": wire,
+                "kserve": None if kserve is None else kserve.to_json(),
+                "targets": [t.to_json() for t in items],
+            },
+        )
+
+
+if __name__ == "__main__":
+    main()

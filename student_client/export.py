@@ -1,0 +1,442 @@
+"""Offline export: a whole dataset's soft targets, fetched once and written to disk.
+
+    student-client export --teacher 127.0.0.1:50051 --dataset mnist --out runs/mnist-T4 \\
+        --temperature 4
+
+or from Python, `export_soft_targets(client, inputs, out, options)`. The dataset is streamed
+through the teacher with `SoftTargetLoader` (order kept, each batch once, retries) and written as
+shards: `shard-00000.safetensors`, ... (one per `shard_size` samples, in dataset order) plus
+`manifest.json`. Read it back with `student_client.offline` (no teacher needed).
+
+A shard holds, for its samples `start..stop-1`:
+
+    sample_index        (n,) int64       dataset positions
+    input_sha256        (n, 32) uint8    sha256 of each input as sent (dtype, shape, bytes)
+    <task>.values       (n, classes | k) as the teacher sent them (float32 / float16)
+    <task>.indices      (n, k) int64     top-k exports only
+    <task>.tail_mass    (n,) float32     top-k exports of probs / log_probs only
+
+and safetensors metadata (format, model version, shard number, start, stop). The manifest lists
+the teacher (model, version, tasks with class names), the settings, the dataset (name, sample
+count, input shape and dtype, fingerprint = sha256 over all input bytes), the shards with the
+sha256 of each file, the created / updated times, whether the export is complete, and notes on
+what the values allow (see `notes_for`).
+
+Resume: an interrupted export, run again with the same arguments, keeps every shard that the
+manifest lists with a matching sha256 and writes only the others, so no sample is written twice.
+Each shard is written to a temporary file, flushed, and renamed into place; the manifest is
+rewritten the same way after each shard. A resumed export must see the same dataset
+(fingerprint), the same settings and the same model version, or it stops with `ExportError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import save as save_safetensors
+
+from protocol.errors import FailedPrecondition, NotFound
+from student_client.cache import sample_digests
+from student_client.client import TeacherClient
+from student_client.loader import SoftTargetLoader
+from student_client.types import SoftTargets, TargetOptions
+
+FORMAT = "distill-soft-targets"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+LOCK_FILE = ".export.lock"
+DEFAULT_SHARD_SIZE = 4096
+DEFAULT_BATCH_SIZE = 256
+
+
+class ExportError(RuntimeError):
+    """An export cannot be written or read as asked; the message says why and names the file."""
+
+
+class CorruptShardError(ExportError):
+    """A shard file does not match its manifest entry (sha256) or cannot be read."""
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.safetensors"
+
+
+def dataset_fingerprint(inputs: np.ndarray) -> str:
+    """`sha256:<hex>` over the inputs' dtype, shape and bytes (C order, little-endian)."""
+    array = np.ascontiguousarray(inputs)
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not np.little_endian):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    digest = hashlib.sha256(
+        f"{array.dtype.newbyteorder('<').str}|{','.join(map(str, array.shape))}|".encode()
+    )
+    if array.size:
+        digest.update(array.data)
+    return "sha256:" + digest.hexdigest()
+
+
+def notes_for(output: str, temperature: float, top_k: int) -> list[str]:
+    """What the exported values allow, written into the manifest."""
+    notes = [
+        "rows are dataset samples in order: shard i holds samples start..stop-1; input_sha256 is "
+        "the sha256 of each input as sent (dtype, per-sample shape, bytes)"
+    ]
+    if top_k:
+        notes.append(
+            f"top-{top_k} export: only the exported temperature T={temperature:g} is exact; the "
+            "classes outside the top k are summed into tail_mass (probs / log_probs) or dropped "
+            "(logits), so no other temperature can be recovered"
+        )
+    elif output == "logits":
+        notes.append(
+            f"logits at T={temperature:g} (logits / T): any temperature T' can be applied on the "
+            f"student side as softmax(values * {temperature:g} / T') (OfflineSoftTargets("
+            "temperature=T')); exact for T=1 exports of a single model; for an ensemble teacher "
+            "the values are the members' mean logits, whose softmax differs from the ensemble's "
+            "averaged probabilities"
+        )
+    else:
+        notes.append(
+            f"{output} at T={temperature:g}: only this temperature is available (export "
+            "--output logits --temperature 1 to apply any temperature later)"
+        )
+    return notes
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    index: int
+    file: str
+    start: int
+    stop: int
+    sha256: str
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "file": self.file,
+            "start": self.start,
+            "stop": self.stop,
+            "samples": self.stop - self.start,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+        }
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    manifest: dict[str, Any]
+    written: list[int]  # shard numbers written by this run
+    kept: list[int]  # shard numbers already complete, skipped
+    complete: bool
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, flush it to disk, rename it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no manifest; is {folder} an export?") from None
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: unreadable manifest: {error}") from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ExportError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ExportError(
+            f"{path}: format version {manifest.get('format_version')}, this client reads "
+            f"{FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _settings(options: TargetOptions, tasks: tuple[str, ...], shard_size: int) -> dict[str, Any]:
+    return {
+        "tasks": list(tasks),
+        "output": options.output,
+        "temperature": float(options.temperature),
+        "top_k": int(options.top_k),
+        "output_dtype": options.output_dtype,
+        "shard_size": int(shard_size),
+    }
+
+
+def _shard_tensors(
+    start: int, stop: int, digests: list[bytes], parts: list[SoftTargets], tasks: tuple[str, ...]
+) -> dict[str, np.ndarray]:
+    tensors: dict[str, np.ndarray] = {
+        "sample_index": np.arange(start, stop, dtype=np.int64),
+        "input_sha256": np.frombuffer(b"".join(digests), dtype=np.uint8).reshape(-1, 32),
+    }
+    for task in tasks:
+        outputs = [part.outputs[task] for part in parts]
+        tensors[f"{task}.values"] = np.concatenate([o.values for o in outputs])
+        if outputs[0].indices is not None:
+            tensors[f"{task}.indices"] = np.concatenate([o.indices for o in outputs])  # type: ignore[misc]
+        if outputs[0].tail_mass is not None:
+            tensors[f"{task}.tail_mass"] = np.concatenate([o.tail_mass for o in outputs])  # type: ignore[misc]
+    return {name: np.ascontiguousarray(array) for name, array in tensors.items()}
+
+
+def export_soft_targets(
+    client: TeacherClient,
+    inputs: np.ndarray,
+    out: str | os.PathLike[str],
+    options: TargetOptions | None = None,
+    *,
+    dataset_name: str = "",
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    depth: int = 8,
+    max_shards: int | None = None,
+    on_shard: Callable[[ShardInfo], None] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ExportResult:
+    """Export the teacher's soft targets for every sample of `inputs` (n, *input_shape) into the
+    folder `out` (created), resuming an earlier export there. `max_shards` (tests, chunked runs)
+    stops after writing that many shards in this run; `on_shard` is called after each shard is
+    written and listed in the manifest (an exception from it stops the export there)."""
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    options = client.with_model(options or TargetOptions())
+    if options.hints:
+        raise ValueError("hints are not exported")
+    say = log or (lambda _message: None)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ExportError(f"{folder}: another export is writing into this folder") from None
+        for stale in folder.glob(".*.tmp-*"):  # a run killed mid-write left it; never listed
+            stale.unlink(missing_ok=True)
+        return _export(
+            client, inputs, folder, options, dataset_name, batch_size, shard_size, depth,
+            max_shards, on_shard, say,
+        )  # fmt: skip
+
+
+def _export(
+    client: TeacherClient,
+    inputs: np.ndarray,
+    folder: Path,
+    options: TargetOptions,
+    dataset_name: str,
+    batch_size: int,
+    shard_size: int,
+    depth: int,
+    max_shards: int | None,
+    on_shard: Callable[[ShardInfo], None] | None,
+    say: Callable[[str], None],
+) -> ExportResult:
+    array = np.ascontiguousarray(inputs)
+    if array.ndim < 1 or len(array) == 0:
+        raise ValueError("inputs: expected a non-empty batch (n, *input_shape)")
+    n = len(array)
+    fingerprint = dataset_fingerprint(array)
+    manifest_path = folder / MANIFEST
+    if manifest_path.exists():
+        manifest = read_manifest(folder)
+        version = manifest["teacher"]["model_version"]
+        tasks = tuple(manifest["settings"]["tasks"])
+        _check_resume(manifest, manifest_path, options, tasks, shard_size, fingerprint, n)
+        try:
+            client.model_info(options.model, version)
+        except (FailedPrecondition, NotFound) as error:
+            raise ExportError(
+                f"{manifest_path}: this export was started with {options.model} {version}, which "
+                f"the teacher no longer serves ({error.message}); export into a new folder"
+            ) from error
+    else:
+        info = client.model_info(options.model, options.model_version)
+        version = info.model_version
+        tasks = tuple(options.tasks) or tuple(task.name for task in info.tasks)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _utc_now(),
+            "updated": _utc_now(),
+            "complete": False,
+            "teacher": {
+                "address": client.address,
+                "model": info.name,
+                "model_version": version,
+                "tasks": [
+                    {"name": task.name, "classes": list(task.class_names)}
+                    for task in info.tasks
+                    if task.name in tasks
+                ],
+            },
+            "settings": _settings(options, tasks, shard_size),
+            "dataset": {
+                "name": dataset_name,
+                "samples": n,
+                "input_shape": list(array.shape[1:]),
+                "input_dtype": str(array.dtype),
+                "fingerprint": fingerprint,
+            },
+            "samples": {"total": n, "written": 0},
+            "shards": [],
+            "notes": notes_for(options.output, options.temperature, options.top_k),
+        }
+    options = dataclasses.replace(options, model_version=version, tasks=tasks)
+    ranges = [
+        (i, start, min(start + shard_size, n)) for i, start in enumerate(range(0, n, shard_size))
+    ]
+    kept: list[int] = []
+    listed: dict[int, dict[str, Any]] = {}
+    for entry in manifest["shards"]:
+        path = folder / entry["file"]
+        if path.is_file() and file_sha256(path) == entry["sha256"]:
+            listed[int(entry["index"])] = entry
+            kept.append(int(entry["index"]))
+        else:
+            say(f"shard {entry['index']}: {path.name} missing or changed, writing it again")
+    manifest["shards"] = [listed[i] for i in sorted(listed)]
+    todo = [r for r in ranges if r[0] not in listed]
+    if max_shards is not None:
+        todo = todo[: max(0, max_shards)]
+    if kept:
+        say(f"{len(kept)} of {len(ranges)} shards already complete, kept")
+    written: list[int] = []
+
+    def batches() -> Iterator[tuple[np.ndarray, tuple[int, int, int]]]:
+        for index, start, stop in todo:
+            for begin in range(start, stop, batch_size):
+                end = min(begin + batch_size, stop)
+                yield array[begin:end], (index, begin, end)
+
+    def finish(index: int, start: int, stop: int, parts: list[SoftTargets]) -> None:
+        digests = sample_digests(array[start:stop])
+        tensors = _shard_tensors(start, stop, digests, parts, tasks)
+        metadata = {
+            "format": FORMAT,
+            "model_version": version,
+            "shard": str(index),
+            "start": str(start),
+            "stop": str(stop),
+        }
+        data = save_safetensors(tensors, metadata=metadata)
+        name = shard_name(index)
+        write_atomic(folder / name, data)
+        info = ShardInfo(index, name, start, stop, hashlib.sha256(data).hexdigest(), len(data))
+        listed[index] = info.to_json()
+        manifest["shards"] = [listed[i] for i in sorted(listed)]
+        _write_manifest(folder, manifest, n, len(ranges))
+        written.append(index)
+        say(f"shard {index}: samples {start}..{stop - 1} -> {name} ({len(data):,} bytes)")
+        if on_shard is not None:
+            on_shard(info)
+
+    _write_manifest(folder, manifest, n, len(ranges))
+    if todo:
+        bounds = {index: (start, stop) for index, start, stop in todo}
+        parts: list[SoftTargets] = []  # the answers of the shard being filled, in order
+        answers = iter(SoftTargetLoader(batches(), client, options, depth=depth))
+        try:
+            for _, (index, _, end), targets in answers:
+                parts.append(targets)
+                start, stop = bounds[index]
+                if end == stop:
+                    finish(index, start, stop, parts)
+                    parts = []
+        finally:
+            answers.close()  # type: ignore[attr-defined]  # closes the streams at once
+    complete = len(listed) == len(ranges)
+    return ExportResult(folder, manifest, written, kept, complete)
+
+
+def _write_manifest(folder: Path, manifest: dict[str, Any], n: int, shard_count: int) -> None:
+    manifest["updated"] = _utc_now()
+    manifest["samples"] = {
+        "total": n,
+        "written": sum(int(entry["stop"]) - int(entry["start"]) for entry in manifest["shards"]),
+    }
+    manifest["complete"] = len(manifest["shards"]) == shard_count
+    write_atomic(folder / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
+
+
+def _check_resume(
+    manifest: dict[str, Any],
+    path: Path,
+    options: TargetOptions,
+    tasks: tuple[str, ...],
+    shard_size: int,
+    fingerprint: str,
+    n: int,
+) -> None:
+    """Refuse to continue an export with another dataset, model or settings."""
+    if manifest["dataset"]["fingerprint"] != fingerprint or manifest["dataset"]["samples"] != n:
+        raise ExportError(
+            f"{path}: this folder holds an export of another dataset (fingerprint "
+            f"{manifest['dataset']['fingerprint']}, {manifest['dataset']['samples']} samples; "
+            f"now {fingerprint}, {n} samples); export into a new folder"
+        )
+    if manifest["teacher"]["model"] != options.model:
+        raise ExportError(
+            f"{path}: this export is of model {manifest['teacher']['model']!r}, not "
+            f"{options.model!r}"
+        )
+    if options.model_version and options.model_version != manifest["teacher"]["model_version"]:
+        raise ExportError(
+            f"{path}: this export is of version {manifest['teacher']['model_version']}, not "
+            f"{options.model_version}"
+        )
+    wanted = _settings(options, tuple(options.tasks) or tasks, shard_size)
+    found = manifest["settings"]
+    differ = {
+        key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value
+    }
+    if differ:
+        listing = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in differ.items())
+        raise ExportError(
+            f"{path}: resuming with other settings ({listing}); use the same arguments, or a "
+            "new folder"
+        )
