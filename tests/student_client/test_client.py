@@ -10,6 +10,7 @@ import torch
 
 from protocol.errors import InvalidArgument, NotFound, Unavailable
 from student_client import TeacherClient
+from student_client.retry import RetryPolicy
 
 TRANSPORTS = ["grpc", "http", "http-json"]
 
@@ -87,7 +88,8 @@ def test_unreachable_teacher_names_the_address(transport: str) -> None:
     with socket.socket() as probe:  # a loopback port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    with TeacherClient(f"127.0.0.1:{port}", transport=transport, timeout=3) as client:  # type: ignore[arg-type]
+    quick = RetryPolicy(max_elapsed_s=1.0)  # retried, briefly: the address stays closed
+    with TeacherClient(f"127.0.0.1:{port}", transport=transport, timeout=3, retry=quick) as client:  # type: ignore[arg-type]
         with pytest.raises(Unavailable) as caught:
             client.list_models()
     assert str(port) in caught.value.message
