@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -258,7 +259,13 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                 f"Starting the teacher server (repository {settings.repository}; the default "
                 "teacher is trained on first start, about 30 s)..."
             )
-            teacher = stack.enter_context(TeacherProcess(settings.repository))
+            # Teacher and student share this machine's cores: half each, so that two torch
+            # thread pools do not fight over the same cores (measured in bench.training).
+            threads = max(1, (os.cpu_count() or 2) // 2)
+            torch.set_num_threads(threads)
+            teacher = stack.enter_context(
+                TeacherProcess(settings.repository, ["--torch-threads", str(threads)])
+            )
             address = teacher.grpc_address
             say(
                 f"Teacher up: gRPC {address}, HTTP {teacher.http_url} (docs {teacher.http_url}/docs)"
