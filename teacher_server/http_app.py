@@ -21,10 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from protocol import codec
-from protocol.errors import InvalidArgument, MessageTooLarge, TeacherError
+from protocol.errors import InvalidArgument, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from teacher_server import wire
 from teacher_server.core import TeacherCore
+from teacher_server.http_body import read_body
 from teacher_server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from teacher_server.schema import SoftTargets, SoftTargetsRequest
 from teacher_server.security import HttpTokenMiddleware
@@ -143,20 +144,6 @@ def _validation_error(errors: list[Any]) -> InvalidArgument:
     if "input" in first and first.get("type") != "json_invalid":
         message += f", got {str(first['input'])[:80]!r}"
     return InvalidArgument(message, field)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise MessageTooLarge(f"body: {declared} bytes is above the limit of {limit}", "body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise MessageTooLarge(f"body: more than the limit of {limit} bytes", "body")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 TIMEOUT_HEADER = "x-request-timeout"
@@ -301,7 +288,7 @@ def create_app(
     )
     async def soft_targets(model: str, request: Request) -> Response:
         """Soft targets for one batch: JSON (`SoftTargetsBody`) or `application/x-protobuf`."""
-        raw = await _read_body(request, max_message_bytes)
+        raw = await read_body(request, max_message_bytes)
         if _is_protobuf(request):
             query = _request_from_protobuf(model, raw, max_message_bytes)
             result = await core.soft_targets(query, _timeout(request), "http-protobuf")

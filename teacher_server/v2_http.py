@@ -17,9 +17,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 
-from protocol.errors import MessageTooLarge, TeacherError
+from protocol.errors import TeacherError
 from teacher_server import v2_convert
 from teacher_server.core import TeacherCore
+from teacher_server.http_body import read_body
 
 RETRY_AFTER_S = 1
 BINARY_MEDIA_TYPE = "application/octet-stream"
@@ -44,20 +45,6 @@ class _V2Route(APIRoute):
                 return error_response(error)
 
         return handle
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused as soon as it passes `limit` bytes (never buffered past it)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise MessageTooLarge(f"body: {declared} bytes is above the limit of {limit}", "body")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise MessageTooLarge(f"body: more than the limit of {limit} bytes", "body")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) -> APIRouter:
@@ -94,7 +81,7 @@ def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) ->
     async def infer(request: Request, model: str, version: str = "") -> Response:
         """Soft targets for one batch: JSON, or the binary tensor data extension."""
         pinned = v2_convert.resolve(core, model, version).model_version if version else ""
-        body = await _read_body(request, limit)
+        body = await read_body(request, limit)
         decoded = v2_convert.decode_http_infer(
             model, pinned, body, request.headers.get(v2_convert.HEADER_LENGTH), limit
         )
