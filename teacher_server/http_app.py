@@ -78,7 +78,7 @@ def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
         if bad.any():
             where = [int(i) for i in np.argwhere(bad)[0]]
             raise InvalidArgument(
-                f"inputs: value {parsed[tuple(where)]!r} at index {where} is not a {body.dtype}",
+                f"inputs: value {float(parsed[tuple(where)])!r} at index {where} is not a {body.dtype}",
                 "inputs",
             )
     array = parsed.astype(dtype)
