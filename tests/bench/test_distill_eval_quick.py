@@ -1,0 +1,68 @@
+"""`python -m bench.distill_eval --quick`: a real teacher server on the session's repository, a
+short distillation run, and the checks such a run supports."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+# `bench` is not an installed package: import it from the repository root, whichever way pytest
+# was started (`python -m pytest` puts the working directory on sys.path, `pytest` does not).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+distill_eval = importlib.import_module("bench.distill_eval")
+
+
+def test_settings_and_task_groups() -> None:
+    assert distill_eval.parse_setting("dense-f32") == (0, "float32")
+    assert distill_eval.parse_setting("top3-f16") == (3, "float16")
+    tasks = {"digit": 10, "parity": 2, "loops": 3}
+    # The server takes one top_k per request, at most the fewest classes of its tasks.
+    assert distill_eval.task_groups(tasks, 0) == {0: ["digit", "parity", "loops"]}
+    assert distill_eval.task_groups(tasks, 1) == {1: ["digit", "parity", "loops"]}
+    assert distill_eval.task_groups(tasks, 3) == {3: ["digit", "loops"], 2: ["parity"]}
+    assert distill_eval.task_groups(tasks, 5) == {5: ["digit"], 2: ["parity"], 3: ["loops"]}
+
+
+@pytest.mark.timeout(240)
+def test_quick_run(default_repository: Path, tmp_path: Path) -> None:
+    out_path = tmp_path / "distill-quick.json"
+    result = distill_eval.main(
+        ["--quick", "--repository", str(default_repository), "--json", str(out_path)]
+    )
+    saved = json.loads(out_path.read_text())
+    assert saved["mode"] == result["mode"] == "quick"
+    checks = saved["checks"]
+    failed = {name: check for name, check in checks.items() if not check["holds"]}
+    assert not failed, json.dumps(failed, indent=2)
+
+    # The client-side softmax of the raw logits is what the server sends as probs at T = 4.
+    assert checks["softmax_matches_server"]["max_abs_diff"] <= 1e-6
+
+    mnist = saved["datasets"]["mnist"]
+    assert mnist["train_samples"] == 800
+    runs = mnist["runs"]
+    assert set(runs) == {
+        "h512/hard",
+        "h512/dense-f32/T1/a0.9",
+        "h512/dense-f32/T4/a0.9",
+        "h512/top3-f16/T4/a0.9",
+    }
+    for run in runs.values():
+        assert len(run["loss_per_epoch"][0]) == 3
+        for accuracy in run["accuracy"].values():
+            assert 0.5 < accuracy["mean"] <= 1.0  # 3 epochs on 800 images: well above chance
+
+    # Bytes per sample of the digit task: 10 float32 values; 3 float16 values + 3 uint8 indices
+    # + a float32 tail mass. The whole response adds the framing (model, version, batch id).
+    settings = mnist["experiments"]["compression"]["settings"]
+    dense, top3 = settings["dense-f32"]["bytes"], settings["top3-f16"]["bytes"]
+    assert dense["digit_payload"] == 40
+    assert top3["digit_payload"] == 13
+    assert dense["digit_b64"] > 40 and top3["digit_b64"] > 13
+    assert top3["all_b64"] < dense["all_b64"]
