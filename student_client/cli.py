@@ -62,6 +62,12 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         default=os.environ.get("TEACHER_AUTH_TOKEN"),
         help="bearer token for --teacher (default: $TEACHER_AUTH_TOKEN)",
     )
+    demo.add_argument(
+        "--streams",
+        type=int,
+        default=None,
+        help="streams per pass, spread over replicas by round_robin (default: one per address)",
+    )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -255,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                 repository=args.repository,
                 teacher=args.teacher,
                 token=args.token,
+                streams=args.streams,
                 out=args.out,
                 progress=not args.no_progress,
             )

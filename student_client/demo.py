@@ -47,6 +47,7 @@ class DemoSettings:
     teacher: str | None = None  # an already running teacher's gRPC address; None: start one
     wait_seconds: float = 300.0  # how long to wait for that teacher to answer
     token: str | None = None  # bearer token, if that teacher requires one
+    streams: int | None = None  # streams per pass (default: one per address given)
     out: Path = Path("runs/quickstart")
     progress: bool = True
 
@@ -129,7 +130,9 @@ def train_students(
             batches = shuffled_batches(
                 split.train_x, split.train_y, settings.batch_size, seed * 1000 + epoch
             )
-            loader = SoftTargetLoader(list(batches), client, options, depth=settings.depth)
+            loader = SoftTargetLoader(
+                list(batches), client, options, depth=settings.depth, streams=settings.streams
+            )
             loaders.append(loader)
             return loader
 

@@ -171,7 +171,7 @@ def test_compose_services_healthcheck_restart_volume(compose: dict[str, Any]) ->
 
     student = services["student"]
     assert student["entrypoint"] == ["student-client"]
-    assert student["command"][:1] == ["demo"] and "teacher:50051" in student["command"]
+    assert student["command"][:1] == ["demo"] and "dns:///teacher:50051" in student["command"]
     assert student["depends_on"]["teacher"]["condition"] == "service_healthy"
     assert student["restart"] == "no"
     assert student["image"] == teacher["image"]
@@ -396,7 +396,7 @@ def test_entrypoint_healthcheck_and_student_as_processes(
         # The compose student's command, against this teacher, shortened.
         student = services["student"]
         args = [
-            f"127.0.0.1:{ports['grpc_port']}" if arg == "teacher:50051" else arg
+            f"127.0.0.1:{ports['grpc_port']}" if arg == "dns:///teacher:50051" else arg
             for arg in student["command"]
         ]
         student_entry = student["entrypoint"]
