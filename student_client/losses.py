@@ -227,6 +227,10 @@ class TopKKDLoss(nn.Module):
         tail_scaled = scaled.masked_fill(in_top_k, float("-inf"))  # (batch, classes)
         # -inf when k = classes; _plogp_minus_plogq then gives 0 for a zero teacher tail.
         tail_log_p_student = torch.logsumexp(tail_scaled, dim=1) - log_z  # (batch,)
+        # With k = classes there is no tail: a teacher tail of rounding residue (1e-16) must not
+        # meet the student's empty tail (log 0) and make the loss infinite.
+        no_tail = torch.isneginf(tail_log_p_student)
+        tail_p_teacher = torch.where(no_tail, torch.zeros_like(tail_p_teacher), tail_p_teacher)
 
         kl_top = _plogp_minus_plogq(top_p_teacher, top_log_p_student).sum(dim=1)  # (batch,)
         kl_tail = _plogp_minus_plogq(tail_p_teacher, tail_log_p_student)  # (batch,)

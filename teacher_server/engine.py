@@ -172,7 +172,10 @@ def shape_values(
     tail_mass = None
     if kind != "logits":
         top_probs = top_values if kind == "probs" else top_values.exp()
-        tail_mass = (1.0 - top_probs.sum(dim=1)).clamp(min=0.0).float().cpu().numpy()
+        tail = (1.0 - top_probs.sum(dim=1)).clamp(min=0.0)
+        if top_k == classes:
+            tail = torch.zeros_like(tail)  # nothing is left out: exactly 0, not rounding residue
+        tail_mass = tail.float().cpu().numpy()
     return TaskResult(
         task,
         kind,

@@ -50,7 +50,7 @@ BATCH = 8
 DISTINCT = 20  # distinct batches, each with its reference
 ROUND_SECONDS = 90.0
 RSS_FACTOR = 1.5
-OPTIONS = TargetOptions(temperature=3.0)
+OPTIONS = TargetOptions(temperature=3.0, output_dtype="float32")  # compared with raw requests
 
 
 @pytest.fixture(scope="module")

@@ -307,3 +307,17 @@ def test_kd_term_nonnegative_and_topk_full_equals_hinton(
     tail = torch.zeros(teacher_probs.shape[0], dtype=torch.float64)
     sparse = TopKKDLoss(alpha=1.0, temperature=temperature)(student, values, indices, tail)
     torch.testing.assert_close(sparse, dense, rtol=1e-9, atol=1e-9)
+
+
+def test_top_k_equal_to_classes_ignores_a_rounding_tail() -> None:
+    """k = classes with a teacher tail of rounding residue gives a finite loss equal to the dense
+    KD loss (found with real server answers for a 2-class head)."""
+    torch.manual_seed(0)
+    student = torch.randn(5, 2)
+    teacher_probs = torch.softmax(torch.randn(5, 2), dim=1)
+    values, indices = torch.sort(teacher_probs, dim=1, descending=True)
+    tail = torch.full((5,), 3.3e-16)
+    sparse = TopKKDLoss(alpha=1.0, temperature=2.0)(student, values, indices, tail)
+    dense = HintonKDLoss(alpha=1.0, temperature=2.0)(student, teacher_probs)
+    assert torch.isfinite(sparse)
+    torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-7)
