@@ -23,14 +23,19 @@ class TargetOptions:
     `temperature` T > 0; `output` is `probs`, `log_probs` or `logits`; `top_k` 0 means dense;
     `output_dtype` is `float32`, `float16` or `bfloat16`; `model_version` pins the teacher (a
     changed teacher then fails with FailedPrecondition instead of silently mixing two teachers).
+
+    The defaults are the recommended training settings measured in docs/results.md (distillation
+    evaluation): T = 4, the losses' default too, and float16 soft targets, which halve the bytes
+    on the wire at no measured cost in accuracy (95.43 ± 0.06 vs 95.43 ± 0.15 % on MNIST).
+    `TeacherClient.soft_targets` (ad-hoc queries) keeps the protocol's T = 1 and float32.
     """
 
     model: str | None = None
     tasks: Sequence[str] = ()
-    temperature: float = 1.0
+    temperature: float = 4.0
     output: str = "probs"
     top_k: int = 0
-    output_dtype: str = "float32"
+    output_dtype: str = "float16"
     hints: Sequence[str] = ()
     model_version: str = ""
 

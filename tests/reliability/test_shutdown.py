@@ -46,7 +46,7 @@ MARGIN_S = 3.0
 GRPC_CLIENTS = 3
 HTTP_CLIENTS = 1
 BATCH = 8
-OPTIONS = TargetOptions(temperature=1.5)
+OPTIONS = TargetOptions(temperature=1.5, output_dtype="float32")  # compared with float32 answers
 MAX_REQUESTS = 3000  # per client
 MAX_REFUSALS = 50  # a client stops after this many refusals (10 ms apart)
 LOAD_SECONDS = 60.0

@@ -215,7 +215,7 @@ def test_size_bound_evicts_least_recently_used(
     counted_teacher, mnist_test_images, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     images = mnist_test_images[0]
-    options = TargetOptions(temperature=4.0, tasks=("digit",))
+    options = TargetOptions(temperature=4.0, tasks=("digit",), output_dtype="float32")
     entry = 32 + 10 * 4 + 24  # digest + 10 float32 + row overhead (see cache.ROW_OVERHEAD)
     a, b, c = (images[i * 100 : (i + 1) * 100] for i in range(3))
     with (

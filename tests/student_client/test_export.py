@@ -42,7 +42,7 @@ def _batches(
 
 def test_probs_export_offline_equals_online(teacher, mnist_test_images, tmp_path) -> None:  # type: ignore[no-untyped-def]
     images = mnist_test_images[0][:600]
-    options = TargetOptions(temperature=4.0)
+    options = TargetOptions(temperature=4.0, output_dtype="float32")
     out = tmp_path / "export"
     with TeacherClient(teacher.grpc_address) as client:
         # One batch in flight, the same batches as the export: the same forwards as the export's.
@@ -127,7 +127,7 @@ def test_logits_export_applies_any_temperature_offline(
     order = np.random.default_rng(1).permutation(300)
     with TeacherClient(teacher.grpc_address) as client:
         for temperature in (1.0, 2.5, 4.0):
-            options = TargetOptions(temperature=temperature)
+            options = TargetOptions(temperature=temperature, output_dtype="float32")
             served = _by_sample(SoftTargetLoader(_batches(images, order, 40), client, options), 300)
             loader = OfflineSoftTargetLoader(
                 _batches(images, order, 40), out, temperature=temperature
