@@ -57,6 +57,9 @@ from student_client.types import SoftTargets, TargetOptions, TaskTargets
 
 HIDDEN = (512,)
 BATCH_SIZE = 64
+INPUT_DTYPE: str | None = (
+    "uint8"  # as the demo sends MNIST pixels: exact codes, a quarter of the bytes
+)
 TEMPERATURE = 4.0
 ALPHA = 0.9
 TARGET_RATIO = 1.10
@@ -127,6 +130,7 @@ def run(
                     client,
                     options,
                     cache=cache,
+                    input_dtype=INPUT_DTYPE,
                 )
                 times["cache"].append(students["cache"].epoch(_keep_targets(loader, memory, n)))
             else:
@@ -135,6 +139,7 @@ def run(
                     client,
                     options,
                     cache=cache,
+                    input_dtype=INPUT_DTYPE,
                 )
                 times["cache"].append(students["cache"].epoch(loader))
             loader_stats.append(asdict(loader.stats))
@@ -144,6 +149,7 @@ def run(
                 client,
                 options,
                 cache=sqlite_only,
+                input_dtype=INPUT_DTYPE,
             )
             times["cache, SQLite only"].append(students["cache, SQLite only"].epoch(loader))
 
@@ -212,6 +218,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=3, help="epochs per mode (>= 2; default 3)")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument(
+        "--batch-size", type=int, default=BATCH_SIZE, help=f"default {BATCH_SIZE} (the demo's)"
+    )
+    parser.add_argument(
+        "--input-dtype",
+        choices=("uint8", "float32"),
+        default=INPUT_DTYPE,
+        help="what the loader sends and hashes: uint8 pixel codes (default, as the demo) or the "
+        "float32 images",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -222,7 +238,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    global BATCH_SIZE, INPUT_DTYPE  # one run's settings, read by the helpers
     args = parse_args(argv)
+    BATCH_SIZE = args.batch_size
+    INPUT_DTYPE = None if args.input_dtype == "float32" else args.input_dtype
     if args.epochs < 2:
         raise SystemExit("--epochs: at least 2 (epoch 1 fills the cache)")
     if args.threads > 0:
@@ -260,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "machine": machine,
                 "epochs": args.epochs,
                 "batch_size": BATCH_SIZE,
+                "input_dtype": INPUT_DTYPE or "float32",
                 "hidden": list(HIDDEN),
                 "times_s": times,
                 "summary": summary,

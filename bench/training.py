@@ -144,11 +144,14 @@ def in_process_batches(split: MultiTaskSplit, engine: Engine) -> Callable[[int],
 def remote_batches(
     split: MultiTaskSplit, client: TeacherClient, depth: int
 ) -> Callable[[int], Iterable[Batch]]:
-    """The epoch through `SoftTargetLoader` over gRPC with `depth` batches in flight."""
+    """The epoch through `SoftTargetLoader` over gRPC with `depth` batches in flight, the
+    pixels sent as their exact uint8 codes (as the demo does)."""
     options = TargetOptions(temperature=TEMPERATURE, output="probs")
 
     def batches(epoch: int) -> Iterable[Batch]:
-        return SoftTargetLoader(epoch_data(split, epoch), client, options, depth=depth)
+        return SoftTargetLoader(
+            epoch_data(split, epoch), client, options, depth=depth, input_dtype="uint8"
+        )
 
     return batches
 

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         description="let CUDA use TF32 matmuls/convolutions (faster; soft targets then differ from "
         "float32 by up to ~1e-3)",
     )
+    forward_chunk: int = Field(
+        -1,
+        ge=-1,
+        description="run merged batches in row chunks of at most N (0: whole batches); -1: 128 "
+        "on a CPU (faster per sample there: the activations stay in cache), whole on a GPU",
+    )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
     )

@@ -84,3 +84,25 @@ def test_student_split_is_the_teachers_split() -> None:
     np.testing.assert_array_equal(split.test_x, test_x)
     for task, labels in task_labels(test_y).items():
         np.testing.assert_array_equal(split.test_y[task], labels)
+
+
+def test_uint8_inputs_are_the_exact_pixel_codes(teacher, mnist_test_images) -> None:  # type: ignore[no-untyped-def]
+    """Floats k / 255 sent as uint8 reach the teacher as the same images (a quarter of the
+    bytes); floats that are not whole codes are refused before anything is sent."""
+    images = mnist_test_images[0][:48]
+    batches = _batches(images, [16, 16, 16])
+    options = TargetOptions(temperature=4.0, output_dtype="float32")
+    with TeacherClient(teacher.grpc_address) as client:
+        plain = list(SoftTargetLoader(batches, client, options))
+        coded = SoftTargetLoader(batches, client, options, input_dtype="uint8")
+        for (_, _, a), (_, _, b) in zip(plain, coded, strict=True):
+            for task in a.outputs:
+                np.testing.assert_allclose(
+                    b.outputs[task].values, a.outputs[task].values, rtol=0, atol=1e-6
+                )
+        assert coded.stats.yielded == 3
+        shifted = [(inputs + 0.001, labels) for inputs, labels in batches]
+        loader = SoftTargetLoader(shifted, client, options, input_dtype="uint8")
+        with pytest.raises(ValueError, match=r"input_dtype: uint8 needs inputs .* 0\.00392157"):
+            list(loader)
+        assert loader.stats.sent == 0

@@ -92,8 +92,12 @@ def test_gradient_matches_analytic_t_squared_scaling() -> None:
 def test_alpha_zero_is_exactly_cross_entropy() -> None:
     student, teacher_probs, labels = _random_case(batch=6, classes=5, seed=1, temperature=4.0)
     student = student.float()
-    loss = HintonKDLoss(alpha=0.0, temperature=4.0)(student, teacher_probs.float(), labels)
+    loss = HintonKDLoss(alpha=0.0, temperature=4.0, fused=False)(
+        student, teacher_probs.float(), labels
+    )
     assert torch.equal(loss, F.cross_entropy(student, labels))
+    fused = HintonKDLoss(alpha=0.0, temperature=4.0)(student, teacher_probs.float(), labels)
+    torch.testing.assert_close(fused, F.cross_entropy(student, labels))
 
 
 def test_labels_none_is_pure_kd() -> None:
@@ -321,3 +325,77 @@ def test_top_k_equal_to_classes_ignores_a_rounding_tail() -> None:
     dense = HintonKDLoss(alpha=1.0, temperature=2.0)(student, teacher_probs)
     assert torch.isfinite(sparse)
     torch.testing.assert_close(sparse, dense, rtol=1e-6, atol=1e-7)
+
+
+# --- the fused (numpy, closed-form gradient) path --------------------------------------------------
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("teacher_dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_matches_the_torch_ops_in_value_and_gradient(
+    logits_dtype: torch.dtype, teacher_dtype: torch.dtype
+) -> None:
+    """Three tasks of different widths, one without labels, unequal weights, a teacher row with
+    an exact zero, a backward through a scaled loss: the fused path gives the torch path's value,
+    per-task values and gradients."""
+    generator = torch.Generator().manual_seed(7)
+    widths = {"digit": 10, "parity": 2, "loops": 3}
+    logits = {
+        task: torch.randn(16, c, generator=generator, dtype=torch.float64).to(logits_dtype) * 3
+        for task, c in widths.items()
+    }
+    teacher = {
+        task: torch.softmax(torch.randn(16, c, generator=generator, dtype=torch.float64), 1).to(
+            teacher_dtype
+        )
+        for task, c in widths.items()
+    }
+    teacher["parity"][0] = torch.tensor([1.0, 0.0])
+    labels = {task: torch.randint(0, c, (16,), generator=generator) for task, c in widths.items()}
+    del labels["loops"]
+    results = {}
+    for fused in (True, False):
+        inputs = {task: value.clone().requires_grad_() for task, value in logits.items()}
+        loss_fn = MultiTaskKDLoss({"digit": 0.5}, alpha=0.7, temperature=3.0, fused=fused)
+        loss = loss_fn(inputs, teacher, labels)
+        (2.5 * loss).backward()
+        grads = {task: value.grad for task, value in inputs.items()}
+        results[fused] = (loss.detach(), grads, dict(loss_fn.last_task_losses))
+    (loss, grads, per_task), (ref_loss, ref_grads, ref_per_task) = results[True], results[False]
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if logits_dtype == torch.float32 else {}
+    assert loss.dtype == ref_loss.dtype
+    torch.testing.assert_close(loss, ref_loss, **tolerance)  # type: ignore[arg-type]
+    for task in widths:
+        assert grads[task].dtype == logits_dtype
+        torch.testing.assert_close(grads[task], ref_grads[task], **tolerance)  # type: ignore[arg-type]
+        assert per_task[task] == pytest.approx(ref_per_task[task], rel=1e-5)
+
+
+def test_fused_gradient_matches_finite_differences() -> None:
+    student, teacher_probs, labels = _random_case(batch=4, classes=5, seed=21, temperature=2.0)
+    student.requires_grad_()
+    loss_fn = HintonKDLoss(alpha=0.3, temperature=2.0)
+    assert torch.autograd.gradcheck(lambda s: loss_fn(s, teacher_probs, labels), (student,))
+
+
+def test_fused_label_out_of_range_names_the_value() -> None:
+    student, teacher_probs, labels = _random_case(batch=3, classes=4, seed=22, temperature=4.0)
+    for bad in (-1, 4):
+        wrong = labels.clone()
+        wrong[1] = bad
+        with pytest.raises(ValueError, match=rf"labels: class index {bad} is out of range"):
+            HintonKDLoss()(student, teacher_probs, wrong)
+
+
+def test_teacher_needing_a_gradient_or_double_backward_use_the_torch_ops() -> None:
+    student, teacher_probs, labels = _random_case(batch=3, classes=4, seed=23, temperature=4.0)
+    teacher = teacher_probs.clone().requires_grad_()
+    loss = HintonKDLoss()(student.clone().requires_grad_(), teacher, labels)
+    loss.backward()
+    assert teacher.grad is not None  # the torch path: the teacher gets a gradient
+    s = student.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(
+        HintonKDLoss(fused=False)(s, teacher_probs, labels), s, create_graph=True
+    )
+    grad.sum().backward()  # double backward works with fused=False
+    assert s.grad is not None
