@@ -121,10 +121,10 @@ class TeacherCore:
     def _serve(self, loaded: LoadedModel) -> ServedVersion:
         name, metrics = loaded.config.name, self.metrics
         try:
+            # runs a zero sample through the model if it has hints
             chunk = self.settings.forward_chunk
-            engine = Engine(
-                loaded, None if chunk < 0 else chunk
-            )  # runs a zero sample through the model if it has hints
+            workers = self.settings.forward_workers if loaded.device.type == "cpu" else 1
+            engine = Engine(loaded, None if chunk < 0 else chunk, workers)
         except ModelLoadError:
             raise
         except Exception as error:  # e.g. the config's input shape does not fit the architecture

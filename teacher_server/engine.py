@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,17 +44,29 @@ def _task_logits(
 
 # On a CPU the default teacher's forward costs ~1.7x more per sample at batch 256 than at 32-128
 # (its activations outgrow the caches; docs/performance.md), so merged batches are cut into
-# chunks of this many rows there. A GPU wants the whole batch at once.
-CPU_FORWARD_CHUNK = 128
+# chunks of at most this many rows there. A GPU wants the whole batch at once.
+CPU_FORWARD_CHUNK = 64
 
 
 def _chunked_logits(
-    model: LoadedModel, inputs: torch.Tensor, tasks: list[str], hints: set[str], chunk: int
+    model: LoadedModel,
+    inputs: torch.Tensor,
+    tasks: list[str],
+    hints: set[str],
+    chunk: int,
+    pool: ThreadPoolExecutor | None,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-    """`_task_logits` run on row chunks of at most `chunk` and joined: the same values."""
+    """`_task_logits` run on row chunks of at most `chunk`, on `pool`'s threads at once when
+    given, and joined in order: the same values."""
     if chunk <= 0 or len(inputs) <= chunk:
         return _task_logits(model, inputs, tasks)
-    parts = [_task_logits(model, piece, tasks) for piece in inputs.split(chunk)]
+    pieces = inputs.split(chunk)
+
+    def forward(piece: torch.Tensor) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
+        with torch.inference_mode():  # inference mode is per thread
+            return _task_logits(model, piece, tasks)
+
+    parts = list(pool.map(forward, pieces)) if pool else [forward(piece) for piece in pieces]
     members = [
         {task: torch.cat([part[0][m][task] for part in parts]) for task in tasks}
         for m in range(len(parts[0][0]))
@@ -62,15 +76,26 @@ def _chunked_logits(
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, forward_chunk: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, forward_chunk: int | None = None, forward_workers: int = 1
+    ) -> None:
         """`forward_chunk`: run merged batches in row chunks of at most this many (0: never);
-        None: `CPU_FORWARD_CHUNK` on a CPU, whole batches on other devices."""
+        None: `CPU_FORWARD_CHUNK` on a CPU, whole batches on other devices. `forward_workers`
+        > 1: compute that many chunks at once on a thread pool (a batch smaller than workers x
+        chunk is cut into one chunk per worker); meant for a CPU with torch's intra-op threads
+        at 1 (`Settings.apply_torch_settings` does that)."""
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
         if forward_chunk is None:
             forward_chunk = CPU_FORWARD_CHUNK if loaded.device.type == "cpu" else 0
         self.forward_chunk = forward_chunk
+        self.forward_workers = max(1, forward_workers)
+        self._pool = (
+            ThreadPoolExecutor(self.forward_workers, thread_name_prefix="forward")
+            if self.forward_workers > 1
+            else None
+        )
         self.hint_shapes = self._probe_hint_shapes()
         # Called from the worker thread with (task, probabilities (batch, classes) float64) of
         # every request, for telemetry.
@@ -115,9 +140,12 @@ class Engine:
         tasks = sorted({task for item in batch for task in item.tasks})
         inputs = self._model_inputs([item.inputs for item in batch])
         hints = {name for item in batch for name in item.request.hints}
+        chunk = self.forward_chunk
+        if self._pool is not None and chunk > 0:  # every worker gets a chunk
+            chunk = min(chunk, -(-len(inputs) // self.forward_workers))
         with torch.inference_mode():
             member_logits, features = _chunked_logits(
-                self.loaded, inputs, tasks, hints, self.forward_chunk
+                self.loaded, inputs, tasks, hints, chunk, self._pool
             )
         results = []
         start = 0

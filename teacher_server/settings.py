@@ -52,8 +52,15 @@ class Settings(BaseSettings):
     forward_chunk: int = Field(
         -1,
         ge=-1,
-        description="run merged batches in row chunks of at most N (0: whole batches); -1: 128 "
+        description="run merged batches in row chunks of at most N (0: whole batches); -1: 64 "
         "on a CPU (faster per sample there: the activations stay in cache), whole on a GPU",
+    )
+    forward_workers: int = Field(
+        1,
+        ge=1,
+        description="on a CPU, chunks computed at once on Python threads, each on one torch "
+        "thread (torch_threads is then ignored); 1: one chunk at a time over torch_threads "
+        "threads, faster in this server on 2 cores (docs/performance.md)",
     )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
@@ -120,8 +127,11 @@ class Settings(BaseSettings):
         return load_token(secret, self.auth_token_file)
 
     def apply_torch_settings(self) -> None:
-        """Process-wide torch switches this teacher needs; called once when the server starts."""
-        if self.torch_threads > 0:
+        """Process-wide torch switches this teacher needs; called once when the server starts.
+        With several CPU forward workers each chunk runs on one thread (intra-op threads 1)."""
+        if self.torch_device().type == "cpu" and self.forward_workers > 1:
+            torch.set_num_threads(1)
+        elif self.torch_threads > 0:
             torch.set_num_threads(self.torch_threads)
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         torch.backends.cudnn.allow_tf32 = self.allow_tf32

@@ -1,0 +1,53 @@
+"""The engine's CPU chunking: a merged batch cut into row chunks (in turn, or on a pool of
+workers) gives the soft targets and hints of the whole-batch forward, in request order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from teacher_server.engine import Engine
+from teacher_server.repository import load_model
+from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+
+
+def _requests(engine: Engine, images: np.ndarray, sizes: list[int]) -> list[ValidatedRequest]:
+    tasks = engine.config.task_names
+    out, start = [], 0
+    for i, size in enumerate(sizes):
+        batch = images[start : start + size]
+        request = SoftTargetsRequest(
+            model=engine.config.name,
+            inputs=batch,
+            tasks=tasks,
+            temperature=1.0 + i,  # per-request settings survive the chunking
+            batch_id=f"r{i}",
+        )
+        out.append(ValidatedRequest(request, tasks, batch))
+        start += size
+    return out
+
+
+@pytest.mark.parametrize(("chunk", "workers"), [(7, 1), (64, 1), (7, 2), (64, 3)])
+def test_chunked_forward_equals_whole_batch(
+    default_repository: Path,
+    mnist_test_images: tuple[np.ndarray, np.ndarray],
+    chunk: int,
+    workers: int,
+) -> None:
+    folder = default_repository / "mnist-multitask"
+    model = load_model(folder, torch.device("cpu"), ("teacher_server.models.",))
+    whole = Engine(model, forward_chunk=0)
+    chunked = Engine(model, forward_chunk=chunk, forward_workers=workers)
+    sizes = [5, 40, 1, 90]  # 136 rows: several chunks, chunk borders inside requests
+    expected = whole.run(_requests(whole, mnist_test_images[0], sizes))
+    got = chunked.run(_requests(chunked, mnist_test_images[0], sizes))
+    assert [r.batch_id for r in got] == ["r0", "r1", "r2", "r3"]
+    for a, b in zip(got, expected, strict=True):
+        assert a.temperature == b.temperature
+        for out_a, out_b in zip(a.outputs, b.outputs, strict=True):
+            assert out_a.task == out_b.task and out_a.values.shape == out_b.values.shape
+            np.testing.assert_allclose(out_a.values, out_b.values, rtol=0, atol=1e-6)
