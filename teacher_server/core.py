@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.default_teacher import ensure_default_teacher
-from teacher_server.engine import Engine, accepted_input_dtypes
+from teacher_server.engine import PROBE_ROWS, Engine, accepted_input_dtypes
 from teacher_server.metrics import Metrics
 from teacher_server.model_config import ModelLoadError
 from teacher_server.repository import (
@@ -125,6 +125,14 @@ class TeacherCore:
             chunk = self.settings.forward_chunk
             workers = self.settings.forward_workers if loaded.device.type == "cpu" else 1
             engine = Engine(loaded, None if chunk < 0 else chunk, workers)
+            if engine.chunk_timings:
+                log.info(
+                    "model %r: forward in chunks of %s (probe of %d rows, ms: %s)",
+                    loaded.config.name,
+                    engine.forward_chunk or "whole batches",
+                    PROBE_ROWS,
+                    {k or "whole": round(v * 1e3, 2) for k, v in engine.chunk_timings.items()},
+                )
         except ModelLoadError:
             raise
         except Exception as error:  # e.g. the config's input shape does not fit the architecture

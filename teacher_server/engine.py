@@ -12,6 +12,7 @@ worker per engine). Results are split back per request in the order given.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -42,10 +43,14 @@ def _task_logits(
     return [{task: model.heads[task](features["features"]).float() for task in tasks}], features
 
 
-# On a CPU the default teacher's forward costs ~1.7x more per sample at batch 256 than at 32-128
-# (its activations outgrow the caches; docs/performance.md), so merged batches are cut into
-# chunks of at most this many rows there. A GPU wants the whole batch at once.
-CPU_FORWARD_CHUNK = 64
+# On a CPU a convolutional teacher's forward can cost far more per sample at batch 256 than at
+# 32-128 (the default teacher: ~1.7x; its activations outgrow the caches), while an MLP's is
+# cheapest whole (the light teacher: chunks of 64 cost ~1.25x). So on a CPU the engine times a
+# probe batch once when the model loads, whole and in chunks of these sizes, and keeps the
+# fastest (whole unless chunks are at least 10% faster). A GPU wants the whole batch.
+CHUNK_CANDIDATES = (64,)
+PROBE_ROWS = 256
+PROBE_MAX_S = 0.25  # a model slower than this on the probe batch is not probed (loads stay quick)
 
 
 def _chunked_logits(
@@ -80,16 +85,14 @@ class Engine:
         self, loaded: LoadedModel, forward_chunk: int | None = None, forward_workers: int = 1
     ) -> None:
         """`forward_chunk`: run merged batches in row chunks of at most this many (0: never);
-        None: `CPU_FORWARD_CHUNK` on a CPU, whole batches on other devices. `forward_workers`
+        None: on a CPU the fastest of whole and `CHUNK_CANDIDATES` on a probe batch (see
+        `_fastest_chunk`), on other devices whole batches. `forward_workers`
         > 1: compute that many chunks at once on a thread pool (a batch smaller than workers x
         chunk is cut into one chunk per worker); meant for a CPU with torch's intra-op threads
         at 1 (`Settings.apply_torch_settings` does that)."""
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
-        if forward_chunk is None:
-            forward_chunk = CPU_FORWARD_CHUNK if loaded.device.type == "cpu" else 0
-        self.forward_chunk = forward_chunk
         self.forward_workers = max(1, forward_workers)
         self._pool = (
             ThreadPoolExecutor(self.forward_workers, thread_name_prefix="forward")
@@ -97,9 +100,40 @@ class Engine:
             else None
         )
         self.hint_shapes = self._probe_hint_shapes()
+        self.chunk_timings: dict[int, float] = {}  # chunk size (0: whole) -> probe seconds
+        if forward_chunk is None:
+            forward_chunk = self._fastest_chunk() if loaded.device.type == "cpu" else 0
+        self.forward_chunk = forward_chunk
         # Called from the worker thread with (task, probabilities (batch, classes) float64) of
         # every request, for telemetry.
         self.on_distribution: Callable[[str, np.ndarray], None] | None = None
+
+    def _fastest_chunk(self) -> int:
+        """Time forwards of `PROBE_ROWS` zero samples whole and in chunks of each candidate size
+        (five interleaved rounds after two warm-up ones, best of each) and return the fastest size, 0 for whole, which
+        is kept unless a chunk size is at least 10% faster. `chunk_timings` keeps the times."""
+        dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
+        tasks = list(self.config.task_names)
+        one = self._model_inputs([np.zeros((1, *self.config.input_shape), dtype=dtype)])
+        with torch.inference_mode():
+            probe = one.expand(PROBE_ROWS, *one.shape[1:]).contiguous()
+            _task_logits(self.loaded, probe, tasks)  # the first call initialises lazily
+            started = time.perf_counter()
+            _task_logits(self.loaded, probe, tasks)
+            if time.perf_counter() - started > PROBE_MAX_S:
+                return 0
+            candidates = (0, *(c for c in CHUNK_CANDIDATES if c < PROBE_ROWS))
+            for candidate in candidates:  # warm-up
+                _chunked_logits(self.loaded, probe, tasks, set(), candidate, self._pool)
+            best = {c: float("inf") for c in candidates}
+            for _ in range(5):
+                for candidate in candidates:
+                    started = time.perf_counter()
+                    _chunked_logits(self.loaded, probe, tasks, set(), candidate, self._pool)
+                    best[candidate] = min(best[candidate], time.perf_counter() - started)
+        self.chunk_timings = best
+        fastest = min(best, key=best.__getitem__)
+        return fastest if best[fastest] < 0.9 * best[0] else 0
 
     def _model_inputs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """The requests' inputs as one tensor of the model's dtype on the device, (batch,

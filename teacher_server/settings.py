@@ -52,8 +52,9 @@ class Settings(BaseSettings):
     forward_chunk: int = Field(
         -1,
         ge=-1,
-        description="run merged batches in row chunks of at most N (0: whole batches); -1: 64 "
-        "on a CPU (faster per sample there: the activations stay in cache), whole on a GPU",
+        description="run merged batches in row chunks of at most N (0: whole batches); -1: on a "
+        "CPU, whichever of whole batches and chunks of 64 a probe batch times faster at load "
+        "(a CNN's activations then stay in cache), on a GPU whole batches",
     )
     forward_workers: int = Field(
         1,

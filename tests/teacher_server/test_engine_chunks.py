@@ -51,3 +51,17 @@ def test_chunked_forward_equals_whole_batch(
         for out_a, out_b in zip(a.outputs, b.outputs, strict=True):
             assert out_a.task == out_b.task and out_a.values.shape == out_b.values.shape
             np.testing.assert_allclose(out_a.values, out_b.values, rtol=0, atol=1e-6)
+
+
+def test_auto_chunk_keeps_the_faster_of_whole_and_chunks(default_repository: Path) -> None:
+    """On a CPU the engine times a probe batch whole and in chunks at load and keeps chunks
+    only when they are at least 10% faster; the choice follows its own timings."""
+    model = load_model(
+        default_repository / "mnist-multitask", torch.device("cpu"), ("teacher_server.models.",)
+    )
+    engine = Engine(model)
+    timings = engine.chunk_timings
+    assert set(timings) == {0, 64} and all(0 < t < 1 for t in timings.values())
+    expected = 64 if timings[64] < 0.9 * timings[0] else 0
+    assert engine.forward_chunk == expected
+    assert Engine(model, forward_chunk=0).chunk_timings == {}  # an explicit size is not probed
