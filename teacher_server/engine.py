@@ -50,7 +50,7 @@ def _task_logits(
 # fastest (whole unless chunks are at least 10% faster). A GPU wants the whole batch.
 CHUNK_CANDIDATES = (64,)
 PROBE_ROWS = 256
-PROBE_MAX_S = 0.25  # a model slower than this on the probe batch is not probed (loads stay quick)
+PROBE_MAX_S = 0.25  # a model slower than this on the probe batch gets chunks, unprobed
 
 
 def _chunked_logits(
@@ -109,9 +109,11 @@ class Engine:
         self.on_distribution: Callable[[str, np.ndarray], None] | None = None
 
     def _fastest_chunk(self) -> int:
-        """Time forwards of `PROBE_ROWS` zero samples whole and in chunks of each candidate size
-        (five interleaved rounds after two warm-up ones, best of each) and return the fastest size, 0 for whole, which
-        is kept unless a chunk size is at least 10% faster. `chunk_timings` keeps the times."""
+        """Time forwards of `PROBE_ROWS` zero samples whole and in chunks of each candidate
+        size (five interleaved rounds after a warm-up, best of each) and return the fastest size,
+        0 for whole, which is kept unless chunks are at least 10% faster. A model slower than
+        `PROBE_MAX_S` on the probe batch gets the first candidate without probing.
+        `chunk_timings` keeps the times."""
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
         tasks = list(self.config.task_names)
         one = self._model_inputs([np.zeros((1, *self.config.input_shape), dtype=dtype)])
@@ -121,7 +123,10 @@ class Engine:
             started = time.perf_counter()
             _task_logits(self.loaded, probe, tasks)
             if time.perf_counter() - started > PROBE_MAX_S:
-                return 0
+                # Too slow to probe quickly: a heavy model, whose activations are large too;
+                # chunks bound their memory (whole merged batches of such a model grew the
+                # server's RSS under load: docs/performance.md).
+                return CHUNK_CANDIDATES[0]
             candidates = (0, *(c for c in CHUNK_CANDIDATES if c < PROBE_ROWS))
             for candidate in candidates:  # warm-up
                 _chunked_logits(self.loaded, probe, tasks, set(), candidate, self._pool)
