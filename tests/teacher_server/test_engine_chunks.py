@@ -61,7 +61,9 @@ def test_auto_chunk_keeps_the_faster_of_whole_and_chunks(default_repository: Pat
     )
     engine = Engine(model)
     timings = engine.chunk_timings
-    assert set(timings) == {0, 64} and all(0 < t < 1 for t in timings.values())
-    expected = 64 if timings[64] < 0.9 * timings[0] else 0
-    assert engine.forward_chunk == expected
+    if not timings:  # the probe batch took over PROBE_MAX_S (a loaded machine): chunks, unprobed
+        assert engine.forward_chunk == 64
+    else:
+        assert set(timings) == {0, 64} and all(0 < t < 1 for t in timings.values())
+        assert engine.forward_chunk == (64 if timings[64] < 0.9 * timings[0] else 0)
     assert Engine(model, forward_chunk=0).chunk_timings == {}  # an explicit size is not probed
