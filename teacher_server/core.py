@@ -125,14 +125,17 @@ class TeacherCore:
             chunk = self.settings.forward_chunk
             workers = self.settings.forward_workers if loaded.device.type == "cpu" else 1
             engine = Engine(loaded, None if chunk < 0 else chunk, workers)
-            if engine.chunk_timings:
-                log.info(
-                    "model %r: forward in chunks of %s (probe of %d rows, ms: %s)",
-                    loaded.config.name,
-                    engine.forward_chunk or "whole batches",
-                    PROBE_ROWS,
-                    {k or "whole": round(v * 1e3, 2) for k, v in engine.chunk_timings.items()},
-                )
+            log.info(
+                "model %r: forward in %s (%s)",
+                loaded.config.name,
+                f"chunks of {engine.forward_chunk} rows"
+                if engine.forward_chunk
+                else "whole batches",
+                f"probe of {PROBE_ROWS} rows, ms: "
+                + str({k or "whole": round(v * 1e3, 2) for k, v in engine.chunk_timings.items()})
+                if engine.chunk_timings
+                else "not probed",
+            )
         except ModelLoadError:
             raise
         except Exception as error:  # e.g. the config's input shape does not fit the architecture

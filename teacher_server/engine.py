@@ -46,8 +46,9 @@ def _task_logits(
 # On a CPU a convolutional teacher's forward can cost far more per sample at batch 256 than at
 # 32-128 (the default teacher: ~1.7x; its activations outgrow the caches), while an MLP's is
 # cheapest whole (the light teacher: chunks of 64 cost ~1.25x). So on a CPU the engine times a
-# probe batch once when the model loads, whole and in chunks of these sizes, and keeps the
-# fastest (whole unless chunks are at least 10% faster). A GPU wants the whole batch.
+# probe batch once when the model loads, whole and in chunks of these sizes, and keeps chunks
+# unless whole batches are at least 10% faster (chunks also bound the activations' memory: whole
+# merged batches of the CNN made the server's RSS swing by hundreds of MiB). A GPU wants whole.
 CHUNK_CANDIDATES = (64,)
 PROBE_ROWS = 256
 PROBE_MAX_S = 0.25  # a model slower than this on the probe batch gets chunks, unprobed
@@ -110,8 +111,9 @@ class Engine:
 
     def _fastest_chunk(self) -> int:
         """Time forwards of `PROBE_ROWS` zero samples whole and in chunks of each candidate
-        size (five interleaved rounds after a warm-up, best of each) and return the fastest size,
-        0 for whole, which is kept unless chunks are at least 10% faster. A model slower than
+        size (five interleaved rounds after a warm-up, best of each) and return the fastest chunk
+        size, or 0 (whole batches) when whole is at least 10% faster: chunks also bound the
+        activations' memory, so a close or noisy probe keeps them. A model slower than
         `PROBE_MAX_S` on the probe batch gets the first candidate without probing.
         `chunk_timings` keeps the times."""
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
@@ -137,8 +139,8 @@ class Engine:
                     _chunked_logits(self.loaded, probe, tasks, set(), candidate, self._pool)
                     best[candidate] = min(best[candidate], time.perf_counter() - started)
         self.chunk_timings = best
-        fastest = min(best, key=best.__getitem__)
-        return fastest if best[fastest] < 0.9 * best[0] else 0
+        chunked = min((c for c in best if c), key=best.__getitem__)
+        return 0 if best[0] < 0.9 * best[chunked] else chunked
 
     def _model_inputs(self, arrays: list[np.ndarray]) -> torch.Tensor:
         """The requests' inputs as one tensor of the model's dtype on the device, (batch,

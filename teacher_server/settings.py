@@ -53,8 +53,8 @@ class Settings(BaseSettings):
         -1,
         ge=-1,
         description="run merged batches in row chunks of at most N (0: whole batches); -1: on a "
-        "CPU, whichever of whole batches and chunks of 64 a probe batch times faster at load "
-        "(a CNN's activations then stay in cache), on a GPU whole batches",
+        "CPU chunks of 64 (a CNN's activations then stay in cache) unless a probe batch at load "
+        "runs at least 10%% faster whole (an MLP), on a GPU whole batches",
     )
     forward_workers: int = Field(
         1,

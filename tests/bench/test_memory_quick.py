@@ -91,3 +91,4 @@ def test_quick_run(default_repository: Path, tmp_path: Path) -> None:
     assert saved["within_target"] == (max(after) / after[0] <= 1.10)
     assert saved["verdict"] == ("within 10%" if saved["within_target"] else "NOT within 10%")
     assert len(saved["series"]) == memory.SERIES_POINTS + 1
+    assert saved["teacher_forward"]  # e.g. "64": how the teacher ran merged batches
