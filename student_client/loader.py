@@ -16,7 +16,8 @@ Failures:
   every batch it had not answered is re-sent, possibly to another replica;
 - both are bounded by the client's `RetryPolicy` (time since the last answer that arrived);
 - an error that retrying cannot fix (INVALID_ARGUMENT, FAILED_PRECONDITION, ...) is raised from
-  the iteration that would have yielded that batch, naming it: nothing is skipped silently.
+  the iteration that would have yielded that batch, naming it: nothing is skipped silently;
+- an exception raised by `batches` itself is raised after the batches read before it.
 
 With `pin_version=True` (the default) the first answer's model version is pinned for the rest of
 the pass: a teacher that changes weights mid-epoch (a reload, a replica with other weights) makes
@@ -205,6 +206,7 @@ class _Pass:
         prefetch = _Prefetch(self._prepared(), self.loader.depth) if cache_pass else None
         source = iter(prefetch) if prefetch is not None else self._prepared()
         exhausted = False
+        source_error: Exception | None = None  # raised once the batches before it are out
         try:
             while True:
                 while not exhausted and len(pending) < self.loader.depth:
@@ -212,6 +214,9 @@ class _Pass:
                         item = next(source)
                     except StopIteration:
                         exhausted = True
+                        break
+                    except Exception as error:  # raised after the batches read before it
+                        source_error, exhausted = error, True
                         break
                     if item.answer is not None:
                         self.answers[item.batch_id] = item.answer
@@ -226,6 +231,8 @@ class _Pass:
                         self.stats.sent += 1
                     pending.append((item.batch_id, item.inputs, item.labels, item.cached))
                 if not pending:
+                    if source_error is not None:
+                        raise source_error
                     return
                 batch_id, inputs, labels, cached = pending.popleft()
                 while batch_id not in self.answers:

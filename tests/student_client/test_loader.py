@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
@@ -106,3 +108,37 @@ def test_uint8_inputs_are_the_exact_pixel_codes(teacher, mnist_test_images) -> N
         with pytest.raises(ValueError, match=r"input_dtype: uint8 needs inputs .* 0\.00392157"):
             list(loader)
         assert loader.stats.sent == 0
+
+
+def test_cached_pass_raises_a_source_error_in_place_and_stops_its_thread(
+    teacher, mnist_test_images, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    """With a cache the source is read on a prefetch thread: an error it raises comes out of the
+    loop after the batches before it, and leaving a pass early stops that thread."""
+    import threading
+
+    from student_client.cache import SoftTargetCache
+
+    images = mnist_test_images[0][:64]
+    batches = _batches(images, [16, 16, 16, 16])
+
+    def failing():  # type: ignore[no-untyped-def]
+        yield from batches[:2]
+        raise RuntimeError("source broke at batch 2")
+
+    options = TargetOptions(temperature=4.0)
+    with (
+        TeacherClient(teacher.grpc_address) as client,
+        SoftTargetCache(tmp_path / "cache.sqlite") as cache,
+    ):
+        seen = []
+        with pytest.raises(RuntimeError, match="source broke at batch 2"):
+            for _, _, targets in SoftTargetLoader(failing(), client, options, cache=cache):
+                seen.append(targets.batch_size)
+        assert seen == [16, 16]
+        for _ in SoftTargetLoader(batches, client, options, cache=cache, depth=1):
+            break  # leave the pass early
+        deadline = time.monotonic() + 10
+        while any(t.name == "loader-prefetch" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the prefetch thread outlived its pass"
+            time.sleep(0.05)
