@@ -73,6 +73,7 @@ class DynamicBatcher:
             if not item.future.done():
                 item.future.set_exception(Unavailable("server is shutting down"))
         self._executor.shutdown(wait=True)
+        self.engine.close()
 
     async def drain(self) -> None:
         """Stop accepting, let every accepted request finish, then close (a reload's old version)."""

@@ -109,6 +109,11 @@ class Engine:
         # every request, for telemetry.
         self.on_distribution: Callable[[str, np.ndarray], None] | None = None
 
+    def close(self) -> None:
+        """Stop the forward workers' threads, if any (after the last `run`)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
     def _fastest_chunk(self) -> int:
         """Time forwards of `PROBE_ROWS` zero samples whole and in chunks of each candidate
         size (five interleaved rounds after a warm-up, best of each) and return the fastest chunk
