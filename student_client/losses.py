@@ -692,6 +692,15 @@ def _attention_energy(features: Tensor, p: float) -> Tensor:
     return features.abs().pow(p).mean(dim=1)
 
 
+def _unit_rows(energy: Tensor) -> Tensor:
+    """Each row of non-negative `energy` (B, N) scaled to L2 norm 1 (all-zero rows stay zero).
+    Divided by the row's largest entry first, so that F.normalize's eps (1e-12 on the norm)
+    cannot bend maps of tiny activations: the result ignores rescaling of the activations."""
+    peak = energy.amax(dim=1, keepdim=True)  # (B, 1)
+    energy = energy / torch.where(peak > 0, peak, torch.ones_like(peak))
+    return F.normalize(energy, p=2.0, dim=1)
+
+
 def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     """Spatial attention map of Zagoruyko & Komodakis (2017), arXiv:1612.03928.
 
@@ -707,8 +716,7 @@ def attention_map(features: Tensor, p: float = 2.0) -> Tensor:
     """
     _check_attention_p(p)
     _check_feature_map("features", features)
-    energy = _attention_energy(features, float(p))  # (B, H, W)
-    return F.normalize(energy.flatten(1), p=2.0, dim=1)  # (B, H * W)
+    return _unit_rows(_attention_energy(features, float(p)).flatten(1))  # (B, H * W)
 
 
 class AttentionTransferLoss(nn.Module):
@@ -777,6 +785,6 @@ class AttentionTransferLoss(nn.Module):
         energy_s = _attention_energy(student, self.p)  # (B, H_s, W_s)
         if energy_s.shape[1:] != teacher.shape[2:]:
             energy_s = F.adaptive_avg_pool2d(energy_s.unsqueeze(1), teacher_size).squeeze(1)
-        q_s = F.normalize(energy_s.flatten(1), p=2.0, dim=1)  # (B, H_t * W_t)
-        q_t = F.normalize(_attention_energy(teacher, self.p).flatten(1), p=2.0, dim=1)
+        q_s = _unit_rows(energy_s.flatten(1))  # (B, H_t * W_t)
+        q_t = _unit_rows(_attention_energy(teacher, self.p).flatten(1))
         return self.beta * (q_s - q_t).pow(2).mean()  # ()

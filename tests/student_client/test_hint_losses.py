@@ -276,3 +276,14 @@ def test_at_bounds_symmetry_and_scale_invariance(
     assert 0.0 <= loss <= 2.0 * beta / positions * (1 + 1e-9) + 1e-12
     assert at(teacher, student).item() == pytest.approx(loss, rel=1e-9, abs=1e-12)
     assert at(scale * student, teacher).item() == pytest.approx(loss, rel=1e-6, abs=1e-12)
+
+
+def test_at_ignores_the_scale_of_tiny_activations() -> None:
+    """Found by the property test: 1x1 maps of activations ~1e-3 at p=4 have energies below
+    F.normalize's eps (1e-12), which used to bend them (loss 0.0063 instead of 0)."""
+    student = torch.tensor([0.6614, 0.2669, 0.0617], dtype=torch.float64).reshape(3, 1, 1, 1)
+    teacher = torch.tensor([0.6213, -0.4519, -0.1661], dtype=torch.float64).reshape(3, 1, 1, 1)
+    at = AttentionTransferLoss(p=4.0, beta=1.0)
+    assert at(student, teacher).item() == 0.0
+    assert at(0.015625 * student, teacher).item() == 0.0
+    assert at(1e-6 * student, 1e-6 * teacher).item() == 0.0
