@@ -120,37 +120,29 @@ def run(
         SoftTargetCache(cache_path, memory_bytes=0) as sqlite_only,
     ):
         info = client.wait_ready(60)
+
+        def cached(
+            store: SoftTargetCache, epoch: int, keep_index: bool = False
+        ) -> SoftTargetLoader:
+            """The epoch's batches through the loader with `store` (labels with the dataset
+            indices when `keep_index`)."""
+            batches = epoch_batches(split, epoch)
+            source = ((x, (y, i) if keep_index else y) for x, y, i in batches)
+            return SoftTargetLoader(source, client, options, cache=store, input_dtype=INPUT_DTYPE)
+
         for epoch in range(1, epochs + 1):
             hard = ((x, y, None) for x, y, _ in epoch_batches(split, epoch))
             times["hard"].append(students["hard"].epoch(hard))
 
             if epoch == 1:  # fills the cache, and keeps a copy for the in-memory mode
-                loader = SoftTargetLoader(
-                    ((x, (y, i)) for x, y, i in epoch_batches(split, epoch)),
-                    client,
-                    options,
-                    cache=cache,
-                    input_dtype=INPUT_DTYPE,
-                )
+                loader = cached(cache, epoch, keep_index=True)
                 times["cache"].append(students["cache"].epoch(_keep_targets(loader, memory, n)))
             else:
-                loader = SoftTargetLoader(
-                    ((x, y) for x, y, _ in epoch_batches(split, epoch)),
-                    client,
-                    options,
-                    cache=cache,
-                    input_dtype=INPUT_DTYPE,
-                )
+                loader = cached(cache, epoch)
                 times["cache"].append(students["cache"].epoch(loader))
             loader_stats.append(asdict(loader.stats))
 
-            loader = SoftTargetLoader(
-                ((x, y) for x, y, _ in epoch_batches(split, epoch)),
-                client,
-                options,
-                cache=sqlite_only,
-                input_dtype=INPUT_DTYPE,
-            )
+            loader = cached(sqlite_only, epoch)
             times["cache, SQLite only"].append(students["cache, SQLite only"].epoch(loader))
 
             local = (

@@ -173,9 +173,10 @@ class _Pass:
             info = self.client.model_info(self.model, self.options.model_version)
             self.uint8_scale = float(info.uint8_scale) or 1.0
         codes = np.rint(array * (1.0 / self.uint8_scale))
-        inexact = np.abs(codes * self.uint8_scale - array) > 1e-6 + 1e-6 * np.abs(array)
-        if inexact.any() or (codes < 0).any() or (codes > 255).any():
-            where = tuple(int(i) for i in np.argwhere(inexact | (codes < 0) | (codes > 255))[0])
+        bad = np.abs(codes * self.uint8_scale - array) > 1e-6 + 1e-6 * np.abs(array)
+        bad |= (codes < 0) | (codes > 255)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
                 f"input_dtype: uint8 needs inputs that are whole multiples k * {self.uint8_scale:g} "
                 f"(the model's uint8_scale) with 0 <= k <= 255; inputs{list(where)} is "

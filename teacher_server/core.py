@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
 from teacher_server.batcher import DynamicBatcher
 from teacher_server.default_teacher import ensure_default_teacher
-from teacher_server.engine import PROBE_ROWS, Engine, accepted_input_dtypes
+from teacher_server.engine import Engine, accepted_input_dtypes
 from teacher_server.metrics import Metrics
 from teacher_server.model_config import ModelLoadError
 from teacher_server.repository import (
@@ -121,21 +121,10 @@ class TeacherCore:
     def _serve(self, loaded: LoadedModel) -> ServedVersion:
         name, metrics = loaded.config.name, self.metrics
         try:
-            # runs a zero sample through the model if it has hints
             chunk = self.settings.forward_chunk
-            workers = self.settings.forward_workers if loaded.device.type == "cpu" else 1
-            engine = Engine(loaded, None if chunk < 0 else chunk, workers)
-            log.info(
-                "model %r: forward in %s (%s)",
-                loaded.config.name,
-                f"chunks of {engine.forward_chunk} rows"
-                if engine.forward_chunk
-                else "whole batches",
-                f"probe of {PROBE_ROWS} rows, ms: "
-                + str({k or "whole": round(v * 1e3, 2) for k, v in engine.chunk_timings.items()})
-                if engine.chunk_timings
-                else "not probed",
-            )
+            # runs a zero sample through the model if it has hints, and times a probe batch
+            engine = Engine(loaded, None if chunk < 0 else chunk, self.settings.forward_workers)
+            log.info("model %r: forward in %s", loaded.config.name, engine.describe_forward())
         except ModelLoadError:
             raise
         except Exception as error:  # e.g. the config's input shape does not fit the architecture

@@ -88,13 +88,13 @@ class Engine:
         """`forward_chunk`: run merged batches in row chunks of at most this many (0: never);
         None: on a CPU the fastest of whole and `CHUNK_CANDIDATES` on a probe batch (see
         `_fastest_chunk`), on other devices whole batches. `forward_workers`
-        > 1: compute that many chunks at once on a thread pool (a batch smaller than workers x
-        chunk is cut into one chunk per worker); meant for a CPU with torch's intra-op threads
-        at 1 (`Settings.apply_torch_settings` does that)."""
+        > 1, on a CPU: compute that many chunks at once on a thread pool (a batch smaller than
+        workers x chunk is cut into one chunk per worker); meant for torch's intra-op threads at
+        1 (`Settings.apply_torch_settings` does that). Other devices use one worker."""
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
-        self.forward_workers = max(1, forward_workers)
+        self.forward_workers = max(1, forward_workers) if loaded.device.type == "cpu" else 1
         self._pool = (
             ThreadPoolExecutor(self.forward_workers, thread_name_prefix="forward")
             if self.forward_workers > 1
@@ -108,6 +108,14 @@ class Engine:
         # Called from the worker thread with (task, probabilities (batch, classes) float64) of
         # every request, for telemetry.
         self.on_distribution: Callable[[str, np.ndarray], None] | None = None
+
+    def describe_forward(self) -> str:
+        """How merged batches are run, and why: for the load log."""
+        mode = f"chunks of {self.forward_chunk} rows" if self.forward_chunk else "whole batches"
+        if not self.chunk_timings:
+            return f"{mode} (not probed)"
+        ms = {size or "whole": round(t * 1e3, 2) for size, t in self.chunk_timings.items()}
+        return f"{mode} (probe of {PROBE_ROWS} rows, best ms: {ms})"
 
     def close(self) -> None:
         """Stop the forward workers' threads, if any (after the last `run`)."""
@@ -129,15 +137,18 @@ class Engine:
             _task_logits(self.loaded, probe, tasks)  # the first call initialises lazily
             started = time.perf_counter()
             _task_logits(self.loaded, probe, tasks)
-            if time.perf_counter() - started > PROBE_MAX_S:
+            whole = time.perf_counter() - started
+            if whole > PROBE_MAX_S:
                 # Too slow to probe quickly: a heavy model, whose activations are large too;
                 # chunks bound their memory (whole merged batches of such a model grew the
                 # server's RSS under load: docs/performance.md).
                 return CHUNK_CANDIDATES[0]
-            candidates = (0, *(c for c in CHUNK_CANDIDATES if c < PROBE_ROWS))
-            for candidate in candidates:  # warm-up
+            chunks = [c for c in CHUNK_CANDIDATES if c < PROBE_ROWS]
+            for candidate in chunks:  # warm-up (whole batches are warm already)
                 _chunked_logits(self.loaded, probe, tasks, set(), candidate, self._pool)
+            candidates = (0, *chunks)
             best = {c: float("inf") for c in candidates}
+            best[0] = whole
             for _ in range(5):
                 for candidate in candidates:
                     started = time.perf_counter()
