@@ -22,14 +22,10 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 
 def _check_alpha_temperature(alpha: float, temperature: float) -> None:
@@ -78,117 +74,18 @@ def _plogp_minus_plogq(p: Tensor, log_q: Tensor) -> Tensor:
     return torch.xlogy(p, p) - cross
 
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
-_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
-
-
-def _fusable(logits: Tensor, teacher: Tensor, labels: Tensor | None) -> bool:
-    """The numpy path applies: CPU tensors, float32 / float64 logits, a constant teacher."""
-    return (
-        logits.device.type == "cpu"
-        and logits.dtype in _FUSED_DTYPES
-        and teacher.device.type == "cpu"
-        and teacher.is_floating_point()
-        and not teacher.requires_grad
-        and (labels is None or labels.device.type == "cpu")
-    )
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """What the fused loss needs about its tasks that does not change between steps."""
-
-    sizes: np.ndarray  # (tasks,) classes per task
-    starts: np.ndarray  # (tasks,) first column of each task
-    labelled: np.ndarray  # indices of the tasks with labels
-    label_bound: np.ndarray  # (labelled,) uint64 class counts, to check labels
-    label_offset: np.ndarray  # (labelled,) first column of each labelled task
-    kd_scale: np.ndarray  # (columns,) gradient scale of the KD term per column
-    ce_scale: np.ndarray  # (columns,) gradient scale of the cross entropy per column
-    rows: np.ndarray  # (batch, 1) row numbers
-
-
-@functools.lru_cache(maxsize=64)
-def _layout(
-    sizes: tuple[int, ...],
-    labelled: tuple[int, ...],
-    weights: tuple[float, ...],
-    alpha: float,
-    t: float,
-    batch: int,
-) -> _Layout:
-    size = np.array(sizes)
-    starts = np.concatenate(([0], np.cumsum(size)[:-1]))
-    weight = np.array(weights)
-    kd_weight = np.ones(len(sizes))  # alpha, or 1 for a task without labels (pure distillation)
-    kd_weight[list(labelled)] = alpha
-    ce_weight = np.zeros(len(sizes))
-    ce_weight[list(labelled)] = (1.0 - alpha) / batch
-    return _Layout(
-        size,
-        starts,
-        np.array(labelled, dtype=np.int64),
-        size[list(labelled)].astype(np.uint64),
-        starts[list(labelled)],
-        np.repeat(weight * kd_weight * (t / batch), size),
-        np.repeat(weight * ce_weight, size),
-        np.arange(batch)[:, None],
-    )
-
-
-def _dense_kd_numpy(
-    s: np.ndarray,
-    p: np.ndarray,
-    labels: Sequence[np.ndarray],
-    layout: _Layout,
-    alpha: float,
-    t: float,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every task's unweighted `HintonKDLoss` value (tasks,), and the gradient of the weighted
-    sum with respect to the logits (batch, total classes).
-
-    `s` and `p` hold the student logits and the teacher probabilities of every task side by side
-    (task k has `layout.sizes[k]` columns); `labels` those of the labelled tasks. Each softmax is
-    taken over its task's columns (`ufunc.reduceat`), at T and at 1 in one array, so all tasks
-    cost one set of array ops. With z = logits / T, q = softmax(z) and r = the row sums of p (1
-    up to the rounding of float16 targets), d/dlogits of T^2 * mean_rows KL(p || q) is
-    T * (r * q - p) / B; d/dlogits of the mean cross entropy is (softmax(logits) - onehot) / B.
-    """
-    sizes, starts, batch = layout.sizes, layout.starts, s.shape[0]
-    x = np.stack((s / t, s))  # (2, batch, N): the logits at T and at 1
-    x -= np.repeat(np.maximum.reduceat(x, starts, axis=2), sizes, axis=2)
-    e = np.exp(x)
-    sums = np.add.reduceat(e, starts, axis=2)  # (2, batch, tasks)
-    log_q = x[0] - np.repeat(np.log(sums[0]), sizes, axis=1)  # log softmax(logits / T)
-    # sum of p * (log p - log q), with 0 * log 0 = 0 (p is at least `tiny` inside the log)
-    log_p = np.log(np.maximum(p, np.finfo(p.dtype).tiny))
-    kl = np.add.reduceat(np.einsum("ij,ij->j", p, log_p - log_q), starts)
-    if not np.isfinite(kl).all():  # a -inf log q where p is 0 counts 0, as in the torch ops
-        kl = np.add.reduceat(np.where(p > 0, p * (log_p - log_q), 0.0).sum(axis=0), starts)
-    values = kl * (t * t / batch)
-    q = e / np.repeat(sums, sizes, axis=2)  # softmax at T and at 1
-    grad = np.repeat(np.add.reduceat(p, starts, axis=1), sizes, axis=1) * q[0]
-    grad -= p
-    grad *= layout.kd_scale
-    if not len(layout.labelled):
-        return values, grad
-    y = np.stack(labels, axis=1)  # (batch, labelled tasks)
-    bad = y.view(np.uint64) >= layout.label_bound  # a negative label is huge as uint64
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise ValueError(
-            f"labels: class index {int(y[row, col])} is out of range "
-            f"[0, {int(layout.label_bound[col])})"
-        )
-    columns = y + layout.label_offset  # each label's column
-    labelled = layout.labelled
-    ce = np.log(sums[1][:, labelled]).mean(axis=0) - x[1][layout.rows, columns].mean(axis=0)
-    values[labelled] = alpha * values[labelled] + (1.0 - alpha) * ce
-    grad_ce = q[1]
-    grad_ce[layout.rows, columns] -= 1.0
-    grad_ce *= layout.ce_scale
-    grad += grad_ce
-    return values, grad
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """`F.cross_entropy`, with a label out of range named in a `ValueError` (on the CPU; CUDA
+    kernels assert on the device instead)."""
+    try:
+        return F.cross_entropy(logits, labels)
+    except (IndexError, RuntimeError) as error:
+        bad = labels[(labels < 0) | (labels >= logits.shape[1])]
+        if len(bad):
+            raise ValueError(
+                f"labels: class index {int(bad[0])} is out of range [0, {logits.shape[1]})"
+            ) from error
+        raise
 
 
 def _check_dense(student_logits: Tensor, teacher_probs: Tensor, labels: Tensor | None) -> None:
@@ -200,76 +97,80 @@ def _check_dense(student_logits: Tensor, teacher_probs: Tensor, labels: Tensor |
         )
 
 
+def _fusable(teacher: Tensor) -> bool:
+    """The cross-entropy formulation applies: the teacher is a constant (its entropy is taken
+    without a gradient)."""
+    return not teacher.requires_grad
+
+
+@functools.lru_cache(maxsize=64)
+def _combine(
+    weights: tuple[float, ...],
+    labelled: tuple[bool, ...],
+    alpha: float,
+    t: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, tuple[float, ...]]:
+    """The weights of [every task's KL, the labelled tasks' cross entropies] in the total, and
+    each task's factor on its KL (alpha T^2, or T^2 without labels)."""
+    kd = tuple(t * t * (alpha if has else 1.0) for has in labelled)
+    ce = [w * (1.0 - alpha) for w, has in zip(weights, labelled, strict=True) if has]
+    vector = torch.tensor([w * k for w, k in zip(weights, kd, strict=True)] + ce, dtype=dtype)
+    return vector.to(device), kd
+
+
 def _fused_dense_kd(
     tasks: Mapping[str, tuple[Tensor, Tensor, Tensor | None, float]],
     alpha: float,
     t: float,
     losses: dict[str, float],
-) -> Tensor:
+) -> Tensor | None:
     """The weighted sum of `HintonKDLoss` over `tasks` (name -> (logits, teacher probabilities,
-    labels or None, weight)) in one autograd node; `losses` receives each task's value."""
-    logits = [task[0] for task in tasks.values()]
-    teachers = [
-        (teacher if teacher.dtype in _NUMPY_FLOATS else teacher.float()).numpy()
-        for _, teacher, _, _ in tasks.values()
-    ]
-    wide = any(x.dtype == torch.float64 for x in logits) or any(
-        x.dtype == np.float64 for x in teachers
-    )
-    dtype = np.float64 if wide else np.float32
-    labels = [y for _, _, y, _ in tasks.values()]
-    layout = _layout(
-        tuple(x.shape[1] for x in logits),
-        tuple(k for k, y in enumerate(labels) if y is not None),
-        tuple(task[3] for task in tasks.values()),
-        alpha,
-        t,
-        logits[0].shape[0],
-    )
-    values, grad = _dense_kd_numpy(
-        np.concatenate([x.detach().numpy() for x in logits], axis=1, dtype=dtype),
-        np.concatenate(teachers, axis=1, dtype=dtype),
-        [y.numpy() for y in labels if y is not None],
-        layout,
-        alpha,
-        t,
-    )
-    losses.update(zip(tasks, values.tolist(), strict=True))
-    total = float(np.dot([task[3] for task in tasks.values()], values))
-    out = torch.tensor(total, dtype=torch.float64 if wide else torch.float32)
-    grads, start = [], 0
-    for x in logits:  # each task's columns, contiguous, in its logits' dtype
-        end = start + x.shape[1]
-        own = np.float64 if x.dtype == torch.float64 else np.float32
-        grads.append(torch.from_numpy(np.ascontiguousarray(grad[:, start:end], dtype=own)))
-        start = end
-    return _FusedDenseKD.apply(out, grads, *logits)  # type: ignore[no-any-return]
+    labels or None, weight)) with torch's fused kernels; `losses` receives each task's value.
+    None when a value is not finite (a -inf logit against a teacher probability of 0: the
+    caller then uses the written-out KL, which counts 0 log 0 as 0).
 
-
-class _FusedDenseKD(torch.autograd.Function):
-    """An autograd node for a loss already computed with its gradient (see `_fused_dense_kd`).
-
-    On the CPU the torch ops of `HintonKDLoss` cost a few dozen small ops per task, forward and
-    backward, each with its dispatch and autograd overhead: for a small student a visible share
-    of a training step. Here numpy computes every task's value and the closed-form gradient in
-    one pass, and the backward only scales the stored gradient. Once differentiable (no double
-    backward): pass `fused=False` to the loss for that.
+    Per task: `F.log_softmax` at T, `F.kl_div` (its batchmean is the KL's mean over rows) and
+    `F.cross_entropy` at T = 1; the tasks' terms are stacked and weighted by one dot product,
+    and their values read in one transfer. For a small student on the CPU this costs about a
+    third of the ops and autograd nodes of the written-out KL, a visible share of a step.
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, value: Tensor, grads: list[Tensor], *logits: Tensor
-    ) -> Tensor:
-        """`grads[i]` is d value / d `logits[i]`."""
-        ctx.grads = grads
-        return value
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
-        if float(grad_output) == 1.0:
-            return (None, None, *ctx.grads)
-        return (None, None, *(grad * grad_output for grad in ctx.grads))
+    items = list(tasks.values())
+    wide = any(x[0].dtype == torch.float64 or x[1].dtype == torch.float64 for x in items)
+    dtype = torch.float64 if wide else torch.float32
+    device = items[0][0].device
+    kl, ce = [], []
+    for logits, teacher, labels, _ in items:
+        z = logits if logits.dtype == dtype else logits.to(dtype)
+        p = teacher if teacher.dtype == dtype else teacher.to(dtype)
+        if p.device != z.device:
+            p = p.to(z.device)
+        kl.append(F.kl_div(F.log_softmax(z * (1.0 / t), dim=1), p, reduction="batchmean"))
+        if labels is not None:
+            ce.append(
+                _cross_entropy(z, labels if labels.device == z.device else labels.to(z.device))
+            )
+    terms = torch.stack(kl + ce)
+    weights, kd = _combine(
+        tuple(x[3] for x in items),
+        tuple(x[2] is not None for x in items),
+        alpha,
+        t,
+        dtype,
+        device,
+    )
+    values = terms.detach().tolist()
+    if not all(map(math.isfinite, values)):
+        return None
+    labelled = len(items)
+    for k, (name, item) in enumerate(tasks.items()):
+        value = kd[k] * values[k]
+        if item[2] is not None:
+            value += (1.0 - alpha) * values[labelled]
+            labelled += 1
+        losses[name] = value
+    return torch.dot(terms, weights)
 
 
 class HintonKDLoss(nn.Module):
@@ -294,11 +195,13 @@ class HintonKDLoss(nn.Module):
     def __init__(self, alpha: float = 0.5, temperature: float = 4.0, fused: bool = True) -> None:
         """`alpha` in [0, 1] weights the KD term; `temperature` T > 0 (finite) softens both sides.
 
-        `fused` (default): on the CPU, with float32 / float64 logits and a teacher that needs no
-        gradient, compute the value and the gradient in one autograd node (numpy, closed-form
-        gradient: several times fewer small ops per step; once differentiable). `fused=False`
-        always uses the torch ops (any device, double backward). Both give the same values up to
-        rounding. Raises `ValueError` naming the argument and its value otherwise.
+        `fused` (default): when the teacher needs no gradient, use torch's fused kernels
+        (`F.kl_div` on `F.log_softmax`, `F.cross_entropy`; for `MultiTaskKDLoss`, all tasks'
+        terms weighted in one dot product): fewer ops per step, any device, differentiable
+        twice; a non-finite value (a -inf logit) falls back to the written-out KL. `fused=False`
+        always writes it out (p (log p - log q), with 0 log 0 = 0). Both give the same values
+        and gradients up to rounding. Raises `ValueError` naming the argument and its value
+        otherwise.
         """
         super().__init__()
         _check_alpha_temperature(alpha, temperature)
@@ -321,9 +224,11 @@ class HintonKDLoss(nn.Module):
         `student_logits`, or if a dtype is wrong.
         """
         _check_dense(student_logits, teacher_probs, labels)
-        if self.fused and _fusable(student_logits, teacher_probs, labels):
+        if self.fused and _fusable(teacher_probs):
             task = (student_logits, teacher_probs, labels, 1.0)
-            return _fused_dense_kd({"": task}, self.alpha, self.temperature, {})
+            fused = _fused_dense_kd({"": task}, self.alpha, self.temperature, {})
+            if fused is not None:
+                return fused
         dtype = _compute_dtype(student_logits, teacher_probs)
         logits = student_logits.to(dtype)  # (batch, classes)
         teacher = teacher_probs.to(device=logits.device, dtype=dtype)  # (batch, classes)
@@ -335,7 +240,7 @@ class HintonKDLoss(nn.Module):
 
         if labels is None:
             return kd
-        ce = F.cross_entropy(logits, labels.to(logits.device))  # ()
+        ce = _cross_entropy(logits, labels.to(logits.device))  # ()
         return self.alpha * kd + (1.0 - self.alpha) * ce
 
 
@@ -514,11 +419,12 @@ class MultiTaskKDLoss(nn.Module):
             _check_dense(logits, teacher_probs[task], task_labels)
             weight = self.task_weights.get(task, 1.0)
             tasks[task] = (logits, teacher_probs[task], task_labels, weight)
-        if self.kd.fused and all(_fusable(*task[:3]) for task in tasks.values()):
+        if self.kd.fused and all(_fusable(task[1]) for task in tasks.values()):
             losses: dict[str, float] = {}
             loss = _fused_dense_kd(tasks, self.kd.alpha, self.kd.temperature, losses)
-            self.last_task_losses = losses
-            return loss
+            if loss is not None:
+                self.last_task_losses = losses
+                return loss
         total: Tensor | None = None
         task_losses: dict[str, float] = {}
         for task, logits in student_logits.items():

@@ -399,3 +399,22 @@ def test_teacher_needing_a_gradient_or_double_backward_use_the_torch_ops() -> No
     )
     grad.sum().backward()  # double backward works with fused=False
     assert s.grad is not None
+
+
+def test_fused_is_twice_differentiable_and_falls_back_on_an_infinite_logit() -> None:
+    """The fused path is torch ops (double backward works); a -inf logit where the teacher gives
+    0 makes `F.kl_div` NaN, so the loss falls back to the written-out KL (0 log 0 = 0)."""
+    student, teacher_probs, labels = _random_case(batch=3, classes=4, seed=24, temperature=4.0)
+    s = student.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(HintonKDLoss()(s, teacher_probs, labels), s, create_graph=True)
+    grad.sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all()
+
+    logits = torch.tensor([[0.5, float("-inf"), 1.0], [2.0, 0.0, -1.0]])
+    teacher = torch.tensor([[0.4, 0.0, 0.6], [0.7, 0.2, 0.1]])
+    loss_fn = MultiTaskKDLoss(alpha=1.0, temperature=2.0)
+    fused = loss_fn({"a": logits}, {"a": teacher})
+    plain = MultiTaskKDLoss(alpha=1.0, temperature=2.0, fused=False)({"a": logits}, {"a": teacher})
+    assert torch.isfinite(fused)
+    torch.testing.assert_close(fused, plain)
+    assert loss_fn.last_task_losses["a"] == pytest.approx(plain.item())
