@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from student_client.types import SoftTargets, TargetOptions, TaskTargets
+from student_client.types import ModelInfo, SoftTargets, TargetOptions, TaskTargets
 
 if TYPE_CHECKING:
     from student_client.client import TeacherClient
@@ -923,10 +923,11 @@ class CachePass:
         if options.hints:
             raise ValueError("cache: hints are not cached; use a loader without a cache for them")
         version, tasks = options.model_version, tuple(options.tasks)
+        self.info: ModelInfo | None = None  # what the teacher said, when it was asked
         if not version or not tasks:
-            info = client.model_info(options.model, options.model_version)
-            version = version or info.model_version
-            tasks = tasks or tuple(task.name for task in info.tasks)
+            self.info = client.model_info(options.model, options.model_version)
+            version = version or self.info.model_version
+            tasks = tasks or tuple(task.name for task in self.info.tasks)
         self.cache = cache
         self.scope = CacheScope.from_options(options, version, tasks)
         self.options = dataclasses.replace(options, model_version=version, tasks=tasks)

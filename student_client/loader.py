@@ -134,6 +134,8 @@ class _Pass:
         )
         if self.cached is not None:
             self.options = self.cached.options  # pinned to the version it looks up
+            if self.cached.info is not None:  # one ModelInfo call per pass, not two
+                self.uint8_scale = float(self.cached.info.uint8_scale) or 1.0
         # With a cache, streams open at the first send: a pass answered from the cache opens none.
         self.lanes = (
             [] if self.cached is not None else [self._open(i, 0) for i in range(loader.streams)]
@@ -172,10 +174,15 @@ class _Pass:
         if self.uint8_scale is None:
             info = self.client.model_info(self.model, self.options.model_version)
             self.uint8_scale = float(info.uint8_scale) or 1.0
-        codes = np.rint(array * (1.0 / self.uint8_scale))
-        bad = np.abs(codes * self.uint8_scale - array) > 1e-6 + 1e-6 * np.abs(array)
-        bad |= (codes < 0) | (codes > 255)
-        if bad.any():
+        scale = self.uint8_scale
+        scaled = np.multiply(array, 1.0 / scale)
+        codes = np.rint(scaled)
+        # |codes * scale - x| <= 1e-6 * (1 + 255 * scale), in code units; NaN compares False
+        scaled -= codes
+        np.abs(scaled, out=scaled)
+        tolerance = 1e-6 * (1.0 / scale + 255.0)
+        if not ((scaled <= tolerance).all() and codes.min() >= 0 and codes.max() <= 255):
+            bad = ~(scaled <= tolerance) | (codes < 0) | (codes > 255)
             where = tuple(int(i) for i in np.argwhere(bad)[0])
             raise ValueError(
                 f"input_dtype: uint8 needs inputs that are whole multiples k * {self.uint8_scale:g} "
@@ -211,6 +218,13 @@ class _Pass:
         try:
             while True:
                 while not exhausted and len(pending) < self.loader.depth:
+                    if (
+                        prefetch is not None
+                        and pending
+                        and pending[0][0] in self.answers
+                        and not prefetch.ready()
+                    ):
+                        break  # the next batch is answered: yield it, do not wait to read ahead
                     try:
                         item = next(source)
                     except StopIteration:
@@ -375,6 +389,10 @@ class _Prefetch:
             self._put(error)
             return
         self._put(_DONE)
+
+    def ready(self) -> bool:
+        """An item (or the end, or an error) can be taken without waiting."""
+        return not self._queue.empty()
 
     def __iter__(self) -> Iterator[_Prepared]:
         while True:

@@ -98,8 +98,7 @@ def _check_dense(student_logits: Tensor, teacher_probs: Tensor, labels: Tensor |
 
 
 def _fusable(teacher: Tensor) -> bool:
-    """The cross-entropy formulation applies: the teacher is a constant (its entropy is taken
-    without a gradient)."""
+    """The fused path applies: the teacher is a constant (it gets no gradient there)."""
     return not teacher.requires_grad
 
 
@@ -109,12 +108,14 @@ def _combine(
     labelled: tuple[bool, ...],
     alpha: float,
     t: float,
+    batch: int,
     dtype: torch.dtype,
     device: torch.device,
 ) -> tuple[Tensor, tuple[float, ...]]:
-    """The weights of [every task's KL, the labelled tasks' cross entropies] in the total, and
-    each task's factor on its KL (alpha T^2, or T^2 without labels)."""
-    kd = tuple(t * t * (alpha if has else 1.0) for has in labelled)
+    """The weights of [every task's KL summed over rows, the labelled tasks' mean cross
+    entropies] in the total, and each task's factor on its row-summed KL (alpha T^2 / batch, or
+    T^2 / batch without labels)."""
+    kd = tuple(t * t * (alpha if has else 1.0) / batch for has in labelled)
     ce = [w * (1.0 - alpha) for w, has in zip(weights, labelled, strict=True) if has]
     vector = torch.tensor([w * k for w, k in zip(weights, kd, strict=True)] + ce, dtype=dtype)
     return vector.to(device), kd
@@ -131,10 +132,11 @@ def _fused_dense_kd(
     None when a value is not finite (a -inf logit against a teacher probability of 0: the
     caller then uses the written-out KL, which counts 0 log 0 as 0).
 
-    Per task: `F.log_softmax` at T, `F.kl_div` (its batchmean is the KL's mean over rows) and
-    `F.cross_entropy` at T = 1; the tasks' terms are stacked and weighted by one dot product,
-    and their values read in one transfer. For a small student on the CPU this costs about a
-    third of the ops and autograd nodes of the written-out KL, a visible share of a step.
+    Per task: `F.log_softmax` at T, `F.kl_div` summed over rows (the 1 / batch of the mean goes
+    into the weights: one op less) and `F.cross_entropy` at T = 1; the tasks' terms are stacked
+    and weighted by one dot product, and their values read in one transfer. For a small student
+    on the CPU this costs about a third of the ops and autograd nodes of the written-out KL, a
+    visible share of a step.
     """
     items = list(tasks.values())
     wide = any(x[0].dtype == torch.float64 or x[1].dtype == torch.float64 for x in items)
@@ -146,7 +148,7 @@ def _fused_dense_kd(
         p = teacher if teacher.dtype == dtype else teacher.to(dtype)
         if p.device != z.device:
             p = p.to(z.device)
-        kl.append(F.kl_div(F.log_softmax(z * (1.0 / t), dim=1), p, reduction="batchmean"))
+        kl.append(F.kl_div(F.log_softmax(z * (1.0 / t), dim=1), p, reduction="sum"))
         if labels is not None:
             ce.append(
                 _cross_entropy(z, labels if labels.device == z.device else labels.to(z.device))
@@ -157,6 +159,7 @@ def _fused_dense_kd(
         tuple(x[2] is not None for x in items),
         alpha,
         t,
+        items[0][0].shape[0],
         dtype,
         device,
     )

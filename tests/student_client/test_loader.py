@@ -108,6 +108,13 @@ def test_uint8_inputs_are_the_exact_pixel_codes(teacher, mnist_test_images) -> N
         with pytest.raises(ValueError, match=r"input_dtype: uint8 needs inputs .* 0\.00392157"):
             list(loader)
         assert loader.stats.sent == 0
+        for bad, shown in ((float("nan"), "nan"), (2.0, "2.0"), (-1 / 255, "-0.0039")):
+            wrong = images[:16].copy()
+            wrong[3, 0, 5, 7] = bad
+            loader = SoftTargetLoader([(wrong, None)], client, options, input_dtype="uint8")
+            with pytest.raises(ValueError, match=rf"inputs\[3, 0, 5, 7\] is {shown}"):
+                list(loader)
+            assert loader.stats.sent == 0
 
 
 def test_cached_pass_raises_a_source_error_in_place_and_stops_its_thread(
