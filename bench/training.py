@@ -10,18 +10,24 @@ for one untimed warm-up epoch plus N timed epochs, in these modes:
 - in-process: the same teacher model loaded in this process (`Engine.run`, the server's own
   forward + softmax), soft targets computed per batch inside the training loop;
 - remote depth D: the teacher server as a separate process on loopback, soft targets through
-  `SoftTargetLoader` over one gRPC stream with D batches in flight, for D in 1, 2, 4, 8, 16.
+  `SoftTargetLoader` over one gRPC stream with D batches in flight, for D in 1, 2, 4, 8, 16, 32.
 
 Reported: mean seconds per timed epoch (training only; `fit` excludes evaluation) and the ratios
-remote / in-process and remote / hard. Then thread oversubscription: the teacher process and the
-student process each default to one torch thread per core; the same modes are timed with the
-teacher started with `OMP_NUM_THREADS=1` and/or the student at `torch.set_num_threads(1)`.
+remote / in-process and remote / hard. Then thread configurations, since teacher and student
+share the cores: the teacher process and the student process each default to one torch thread
+per core; the same modes are timed with the teacher started with `OMP_NUM_THREADS=1`, or with
+one forward worker per core (`TEACHER_FORWARD_WORKERS`, each worker on one torch thread), and/or
+the student at `torch.set_num_threads(1)`, the remote ones at the loader's default depth and at
+32. Last, the issue's target: the best remote configuration against the best in-process one
+(each as a user on this machine would run it), remote / in-process <= 1.10.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -56,9 +62,12 @@ HIDDEN = (512,)
 BATCH_SIZE = 64
 TEMPERATURE = 4.0
 ALPHA = 0.9
-DEPTHS = (1, 2, 4, 8, 16)
-QUICK_DEPTHS = (1, 8)
-THREAD_DEPTH = 8  # the loader's default depth, used for the thread-count comparison
+DEFAULT_DEPTH: int = inspect.signature(SoftTargetLoader).parameters["depth"].default
+DEPTHS = (1, 2, 4, 8, 16, 32)
+QUICK_DEPTHS = (1, DEFAULT_DEPTH)
+THREAD_DEPTHS = (DEFAULT_DEPTH, 32)  # the remote depths of every thread configuration
+TARGET_RATIO = 1.10
+CORES = os.cpu_count() or 1
 
 
 @dataclass
@@ -180,6 +189,11 @@ THREAD_CONFIGS = (
     ThreadConfig("teacher OMP_NUM_THREADS=1, student default", {"OMP_NUM_THREADS": "1"}, None),
     ThreadConfig("teacher default, student 1 thread", {}, 1),
     ThreadConfig("teacher OMP_NUM_THREADS=1, student 1 thread", {"OMP_NUM_THREADS": "1"}, 1),
+    ThreadConfig(
+        f"teacher {CORES} forward workers, student 1 thread",
+        {"TEACHER_FORWARD_WORKERS": str(CORES)},
+        1,
+    ),
 )
 
 
@@ -234,45 +248,68 @@ def print_modes(title: str, results: dict[str, ModeResult]) -> None:
 
 def best_depth(results: dict[str, ModeResult]) -> tuple[int, str]:
     """The depth with the lowest mean epoch time, and a sentence on whether that beats the
-    loader's default of 8 by more than the noise of this run."""
+    loader's default depth by more than the noise of this run."""
     remote = {int(name.rsplit(" ", 1)[1]): r for name, r in results.items() if "depth" in name}
     best = min(remote, key=lambda depth: remote[depth].mean_s)
-    if 8 not in remote:
-        return best, "depth 8 (the default) was not measured"
-    if best == 8:
-        return best, "the measurement supports the default depth of 8"
-    gap = remote[8].mean_s - remote[best].mean_s
-    if min(len(remote[8].epochs_s), len(remote[best].epochs_s)) < 2:
+    default = DEFAULT_DEPTH
+    if default not in remote:
+        return best, f"depth {default} (the default) was not measured"
+    if best == default:
+        return best, f"the measurement supports the default depth of {default}"
+    gap = remote[default].mean_s - remote[best].mean_s
+    if min(len(remote[default].epochs_s), len(remote[best].epochs_s)) < 2:
         return best, (
             f"depth {best} was fastest, but one timed epoch per mode gives no noise estimate "
-            "(run with --epochs 3 or more before changing the default of 8)"
+            f"(run with --epochs 3 or more before changing the default of {default})"
         )
-    noise = remote[8].spread_s + remote[best].spread_s
-    if gap <= max(noise, 0.05 * remote[8].mean_s):
+    noise = remote[default].spread_s + remote[best].spread_s
+    if gap <= max(noise, 0.05 * remote[default].mean_s):
         return best, (
-            f"depth {best} is fastest but within noise of depth 8 ({gap:.3f} s/epoch): "
-            "keep the default of 8"
+            f"depth {best} is fastest but within noise of depth {default} ({gap:.3f} s/epoch): "
+            f"keep the default of {default}"
         )
-    return best, f"depth {best} beats depth 8 by {gap:.3f} s/epoch, beyond this run's noise"
+    return best, f"depth {best} beats depth {default} by {gap:.3f} s/epoch, beyond this run's noise"
 
 
 def print_threads(table: dict[str, dict[str, ModeResult]]) -> None:
-    key = f"remote depth {THREAD_DEPTH}"
+    depths = sorted({d for r in table.values() for d in THREAD_DEPTHS if f"remote depth {d}" in r})
     rows = [
-        [
-            name,
-            r["hard"].mean_s,
-            r["in-process"].mean_s,
-            r[key].mean_s,
-            ratio(r[key].mean_s, r["in-process"].mean_s),
-        ]
+        [name, r["hard"].mean_s, r["in-process"].mean_s]
+        + [r[f"remote depth {d}"].mean_s for d in depths]
+        + [ratio(min(r[f"remote depth {d}"].mean_s for d in depths), r["in-process"].mean_s)]
         for name, r in table.items()
     ]
     print_table(
-        f"Thread oversubscription (s/epoch; remote at depth {THREAD_DEPTH})",
-        ["threads", "hard", "in-process", "remote", "remote/in-proc"],
+        "Thread configurations (s/epoch)",
+        ["threads", "hard", "in-process"]
+        + [f"remote depth {d}" for d in depths]
+        + ["best remote/in-proc"],
         rows,
     )
+
+
+def target(table: dict[str, dict[str, ModeResult]]) -> dict[str, Any]:
+    """The best in-process configuration against the best remote one (configuration and depth)."""
+    local = min(
+        ((name, r["in-process"].mean_s) for name, r in table.items()), key=lambda item: item[1]
+    )
+    remote = min(
+        (
+            (f"{name}, depth {mode.rsplit(' ', 1)[1]}", result.mean_s)
+            for name, r in table.items()
+            for mode, result in r.items()
+            if mode.startswith("remote")
+        ),
+        key=lambda item: item[1],
+    )
+    value = ratio(remote[1], local[1])
+    return {
+        "in_process": {"config": local[0], "s_per_epoch": round(local[1], 4)},
+        "remote": {"config": remote[0], "s_per_epoch": round(remote[1], 4)},
+        "ratio": round(value, 3),
+        "target": TARGET_RATIO,
+        "met": value <= TARGET_RATIO,
+    }
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -281,7 +318,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     parser.add_argument("--epochs", type=int, help="timed epochs per mode (default 3; quick 1)")
-    parser.add_argument("--quick", action="store_true", help="depths 1 and 8, 2 thread configs")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"depths 1 and {DEFAULT_DEPTH}, 2 thread configurations",
+    )
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     return parser.parse_args(argv)
 
@@ -290,7 +331,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     epochs = args.epochs or (1 if args.quick else 3)
     depths = QUICK_DEPTHS if args.quick else DEPTHS
-    configs = (THREAD_CONFIGS[0], THREAD_CONFIGS[3]) if args.quick else THREAD_CONFIGS
+    configs = (THREAD_CONFIGS[0], THREAD_CONFIGS[4]) if args.quick else THREAD_CONFIGS
     started = time.perf_counter()
     repository = ensure_repository(args.repository.resolve())
     machine = machine_summary()
@@ -301,7 +342,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     by_config: dict[str, dict[str, ModeResult]] = {}
     for index, config in enumerate(configs):
-        config_depths = depths if index == 0 else (THREAD_DEPTH,)
+        config_depths = depths if index == 0 else THREAD_DEPTHS
         by_config[config.name] = run_config(
             config, repository, split, engine, config_depths, epochs
         )
@@ -314,6 +355,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     depth, verdict = best_depth(main_results)
     print(f"\nbest loader depth this run: {depth}; {verdict}")
     print_threads(by_config)
+    verdict_target = target(by_config)
+    print(
+        f"\nbest remote ({verdict_target['remote']['config']}: "
+        f"{verdict_target['remote']['s_per_epoch']:.3f} s/epoch) / best in-process "
+        f"({verdict_target['in_process']['config']}: "
+        f"{verdict_target['in_process']['s_per_epoch']:.3f} s/epoch) = "
+        f"{verdict_target['ratio']:.3f}x ("
+        + ("within" if verdict_target["met"] else "NOT within")
+        + f" the {TARGET_RATIO:.2f}x target)"
+    )
     print(f"\ntotal {time.perf_counter() - started:.0f}s")
     if args.json:
         write_json(
@@ -329,6 +380,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 },
                 "best_depth": depth,
                 "verdict": verdict,
+                "target": verdict_target,
             },
         )
 

@@ -179,7 +179,7 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument(
         "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard file"
     )
-    export.add_argument("--depth", type=int, default=8, help="batches in flight")
+    export.add_argument("--depth", type=int, default=16, help="batches in flight")
 
 
 def _export(args: argparse.Namespace) -> None:

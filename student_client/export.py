@@ -233,7 +233,7 @@ def export_soft_targets(
     dataset_name: str = "",
     batch_size: int = DEFAULT_BATCH_SIZE,
     shard_size: int = DEFAULT_SHARD_SIZE,
-    depth: int = 8,
+    depth: int = 16,
     max_shards: int | None = None,
     on_shard: Callable[[ShardInfo], None] | None = None,
     log: Callable[[str], None] | None = None,

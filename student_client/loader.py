@@ -1,6 +1,6 @@
 """`SoftTargetLoader`: wraps any iterable of batches and adds the teacher's soft targets.
 
-    loader = SoftTargetLoader(train_loader, teacher, TargetOptions(temperature=4.0), depth=8)
+    loader = SoftTargetLoader(train_loader, teacher, TargetOptions(temperature=4.0), depth=16)
     for inputs, labels, targets in loader:    # targets: SoftTargets for exactly this batch
         loss = kd(student(inputs), targets.tensor("digit"), labels)
 
@@ -83,7 +83,7 @@ class SoftTargetLoader:
         batches: Iterable[Any],
         client: TeacherClient,
         options: TargetOptions | None = None,
-        depth: int = 8,
+        depth: int = 16,
         input_dtype: str | None = None,
         streams: int | None = None,
         pin_version: bool = True,

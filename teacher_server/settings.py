@@ -41,8 +41,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         0,
         ge=0,
-        description="CPU threads for the forward; 0: torch's default (all cores). Set 1 "
-        "when students train on the same machine",
+        description="CPU threads for the forward; 0: torch's default (all cores). With students "
+        "training on the same machine, prefer forward_workers = cores",
     )
     allow_tf32: bool = Field(
         False,
@@ -61,7 +61,8 @@ class Settings(BaseSettings):
         ge=1,
         description="on a CPU, chunks computed at once on Python threads, each on one torch "
         "thread (torch_threads is then ignored); 1: one chunk at a time over torch_threads "
-        "threads, faster in this server on 2 cores (docs/performance.md)",
+        "threads, the fastest for a server alone on its cores; set it to the number of cores "
+        "when students train on the same machine (docs/performance.md)",
     )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
