@@ -1,6 +1,7 @@
 """Student epoch time with the soft-target cache, against hard labels, side by side in one run.
 
     python -m bench.cache [--json out.json] [--epochs 3] [--repository PATH] [--threads 1]
+                          [--batch-size 64] [--hidden 512] [--input-dtype uint8]
 
 The demo's student (`StudentMLP((1, 28, 28), tasks, (512,))`, Adam lr 1e-3, batch 64, the
 4,000-image MNIST training split, `MultiTaskKDLoss(alpha=0.9, T=4)` over dense probs at T=4) is
@@ -213,6 +214,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--batch-size", type=int, default=BATCH_SIZE, help=f"default {BATCH_SIZE} (the demo's)"
     )
     parser.add_argument(
+        "--hidden",
+        type=int,
+        nargs="+",
+        default=list(HIDDEN),
+        help=f"the student's hidden widths (default {' '.join(map(str, HIDDEN))}, the demo's): a "
+        "bigger student spends more of each step in its own forward and backward",
+    )
+    parser.add_argument(
         "--input-dtype",
         choices=("uint8", "float32"),
         default=INPUT_DTYPE,
@@ -230,9 +239,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    global BATCH_SIZE, INPUT_DTYPE  # one run's settings, read by the helpers
+    global BATCH_SIZE, INPUT_DTYPE, HIDDEN  # one run's settings, read by the helpers
     args = parse_args(argv)
     BATCH_SIZE = args.batch_size
+    HIDDEN = tuple(args.hidden)
     INPUT_DTYPE = None if args.input_dtype == "float32" else args.input_dtype
     if args.epochs < 2:
         raise SystemExit("--epochs: at least 2 (epoch 1 fills the cache)")
