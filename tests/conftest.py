@@ -8,7 +8,6 @@ Set `TEACHER_TEST_REPOSITORY` to an existing model repository (a folder holding
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -22,10 +21,10 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.default_teacher import DEFAULT_MODEL_NAME
+from tests.readiness import wait_for_doors, wait_for_ports
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -85,42 +84,18 @@ def _wait_ready(
         if time.monotonic() > deadline:
             _fail_start(log_path, f"not ready within {START_TIMEOUT_S:.0f} s ({stage})")
 
-    ports = None
-    while ports is None:
-        check_alive("waiting for the port file")
-        if port_file.is_file():
-            with contextlib.suppress(ValueError):  # written atomically, but be tolerant
-                ports = json.loads(port_file.read_text())
-        if ports is None:
-            time.sleep(POLL_INTERVAL_S)
+    ports = wait_for_ports(port_file, check_alive, POLL_INTERVAL_S)
     teacher = TeacherProcess(
         process=process,
         grpc_address=f"127.0.0.1:{ports['grpc_port']}",
         http_url=f"http://127.0.0.1:{ports['http_port']}",
         log_path=log_path,
     )
-
-    with grpc_channel(teacher.grpc_address) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            check_alive("waiting for gRPC health SERVING")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(POLL_INTERVAL_S)
-
-    with httpx.Client(base_url=teacher.http_url, timeout=1.0, trust_env=False) as client:
-        while True:
-            check_alive("waiting for GET /readyz 200")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL_INTERVAL_S)
+    with (
+        grpc_channel(teacher.grpc_address) as channel,
+        httpx.Client(base_url=teacher.http_url, timeout=1.0, trust_env=False) as http,
+    ):
+        wait_for_doors(channel, http, check_alive, POLL_INTERVAL_S)
     return teacher
 
 

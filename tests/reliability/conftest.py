@@ -9,8 +9,6 @@ runs at the end: SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import socket
@@ -28,9 +26,9 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from student_client.types import SoftTargets
+from tests.readiness import wait_for_doors, wait_for_ports
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -225,36 +223,13 @@ def wait_ready(teacher: Teacher, timeout: float = START_TIMEOUT_S) -> Teacher:
         if time.monotonic() > deadline:
             _fail_start(teacher, f"not ready within {timeout:.0f} s ({stage})")
 
-    ports = None
-    while ports is None:
-        check("waiting for the port file")
-        if port_file.is_file():
-            with contextlib.suppress(ValueError):
-                ports = json.loads(port_file.read_text())
-        if ports is None:
-            time.sleep(POLL_S)
+    ports = wait_for_ports(port_file, check, POLL_S)
     teacher.grpc_port, teacher.http_port = int(ports["grpc_port"]), int(ports["http_port"])
-
-    with grpc_channel(teacher.grpc_address, teacher.ca_file) as channel:
-        health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            check("waiting for gRPC health SERVING")
-            try:
-                reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(POLL_S)
-    with http_client(teacher.http_url, teacher.ca_file, timeout=1.0) as client:
-        while True:
-            check("waiting for GET /readyz 200")
-            try:
-                if client.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(POLL_S)
+    with (
+        grpc_channel(teacher.grpc_address, teacher.ca_file) as channel,
+        http_client(teacher.http_url, teacher.ca_file, timeout=1.0) as http,
+    ):
+        wait_for_doors(channel, http, check, POLL_S)
     return teacher
 
 
