@@ -11,6 +11,7 @@ worker per engine). Results are split back per request in the order given.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -206,34 +207,69 @@ class Engine:
             )
         results = []
         start = 0
-        for item in batch:
-            end = start + item.batch_size
-            request = item.request
-            outputs = []
-            for task in item.tasks:
-                members = [logits[task][start:end] for logits in member_logits]
-                values = task_values(members, request.temperature, request.output)
+        for group in _groups(batch):
+            # Requests side by side with the same tasks and output settings (the usual case:
+            # students of one run) get their values, telemetry and shaping in one set of ops
+            # over all their rows, then split by rows: each op is row-wise, so every request's
+            # numbers are those it would get alone.
+            first = group[0].request
+            rows = sum(item.batch_size for item in group)
+            shaped = []
+            for task in group[0].tasks:
+                members = [logits[task][start : start + rows] for logits in member_logits]
+                values = task_values(members, first.temperature, first.output)
                 if self.on_distribution is not None:
-                    self.on_distribution(task, probabilities(values, request.output))
-                outputs.append(
-                    shape_values(task, values, request.output, request.top_k, request.output_dtype)
+                    self.on_distribution(task, probabilities(values, first.output))
+                shaped.append(
+                    shape_values(task, values, first.output, first.top_k, first.output_dtype)
                 )
-            results.append(
-                SoftTargets(
-                    model=self.config.name,
-                    model_version=self.loaded.version,
-                    batch_id=request.batch_id,
-                    temperature=request.temperature,
-                    output_dtype=request.output_dtype,
-                    outputs=tuple(outputs),
-                    hints={
-                        name: features[name][start:end].float().cpu().numpy()
-                        for name in request.hints
-                    },
+            offset = 0
+            for item in group:
+                request, size = item.request, item.batch_size
+                results.append(
+                    SoftTargets(
+                        model=self.config.name,
+                        model_version=self.loaded.version,
+                        batch_id=request.batch_id,
+                        temperature=request.temperature,
+                        output_dtype=request.output_dtype,
+                        outputs=tuple(_rows(result, offset, offset + size) for result in shaped),
+                        hints={
+                            name: features[name][start : start + size].float().cpu().numpy()
+                            for name in request.hints
+                        },
+                    )
                 )
-            )
-            start = end
+                offset += size
+                start += size
         return results
+
+
+def _groups(batch: list[ValidatedRequest]) -> list[list[ValidatedRequest]]:
+    """`batch` cut into runs of consecutive requests with the same tasks, temperature, output,
+    top-k and output dtype (order kept)."""
+    groups: list[list[ValidatedRequest]] = []
+    last: tuple[object, ...] | None = None
+    for item in batch:
+        request = item.request
+        key = (item.tasks, request.temperature, request.output, request.top_k, request.output_dtype)
+        if key != last:
+            groups.append([])
+            last = key
+        groups[-1].append(item)
+    return groups
+
+
+def _rows(result: TaskResult, start: int, end: int) -> TaskResult:
+    """The rows [start, end) of a task's result."""
+    if start == 0 and end == len(result.values):
+        return result
+    return dataclasses.replace(
+        result,
+        values=result.values[start:end],
+        indices=None if result.indices is None else result.indices[start:end],
+        tail_mass=None if result.tail_mass is None else result.tail_mass[start:end],
+    )
 
 
 def _round_dtype(values: np.ndarray, output_dtype: str) -> np.ndarray:

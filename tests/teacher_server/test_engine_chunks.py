@@ -67,3 +67,56 @@ def test_auto_chunk_keeps_the_faster_of_whole_and_chunks(default_repository: Pat
         assert set(timings) == {0, 64} and all(0 < t < 1 for t in timings.values())
         assert engine.forward_chunk == (0 if timings[0] < 0.9 * timings[64] else 64)
     assert Engine(model, forward_chunk=0).chunk_timings == {}  # an explicit size is not probed
+
+
+def test_requests_sharing_settings_are_shaped_together_and_keep_their_own_rows(
+    default_repository: Path, mnist_test_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """A merged batch of runs of requests with the same settings and requests with their own
+    (temperature, output kind, top-k, dtype, tasks): the engine shapes each run in one go, and
+    every request gets what it gets alone, in order."""
+    model = load_model(
+        default_repository / "mnist-multitask", torch.device("cpu"), ("teacher_server.models.",)
+    )
+    engine = Engine(model, forward_chunk=0)
+    all_tasks = engine.config.task_names
+    settings = [  # (rows, tasks, temperature, output, top_k, output_dtype)
+        (3, all_tasks, 4.0, "probs", 0, "float32"),
+        (5, all_tasks, 4.0, "probs", 0, "float32"),
+        (2, all_tasks, 4.0, "probs", 0, "float32"),
+        (4, all_tasks, 2.0, "probs", 0, "float32"),
+        (1, ("digit",), 2.0, "log_probs", 3, "float16"),
+        (6, ("digit",), 2.0, "log_probs", 3, "float16"),
+        (2, all_tasks, 1.0, "logits", 0, "bfloat16"),
+        (3, all_tasks, 4.0, "probs", 0, "float32"),
+    ]
+    images, start, batch = mnist_test_images[0], 0, []
+    for i, (rows, tasks, temperature, output, top_k, dtype) in enumerate(settings):
+        inputs = images[start : start + rows]
+        request = SoftTargetsRequest(
+            model=engine.config.name,
+            inputs=inputs,
+            tasks=tasks,
+            temperature=temperature,
+            output=output,
+            top_k=top_k,
+            output_dtype=dtype,
+            batch_id=f"r{i}",
+        )
+        batch.append(ValidatedRequest(request, tasks, inputs))
+        start += rows
+    merged = engine.run(batch)
+    assert [r.batch_id for r in merged] == [f"r{i}" for i in range(len(settings))]
+    for got, item in zip(merged, batch, strict=True):
+        (alone,) = engine.run([item])
+        assert got.temperature == alone.temperature
+        assert [o.task for o in got.outputs] == list(item.tasks)
+        for a, b in zip(got.outputs, alone.outputs, strict=True):
+            assert (a.kind, a.classes, a.values.shape) == (b.kind, b.classes, b.values.shape)
+            np.testing.assert_allclose(a.values, b.values, rtol=0, atol=2e-3)  # float16 rounding
+            if b.indices is None:
+                assert a.indices is None
+            else:
+                np.testing.assert_array_equal(a.indices, b.indices)
+            if b.tail_mass is not None:
+                np.testing.assert_allclose(a.tail_mass, b.tail_mass, rtol=0, atol=1e-6)
