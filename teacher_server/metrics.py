@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -79,6 +80,7 @@ class _QueueDepth(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -169,6 +171,15 @@ class Metrics:
         self.entropy.observe_many((model, task), np.maximum(entropy, 0.0))
         self.confidence.observe_many((model, task), probs.max(axis=1))
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """`metric.labels(*labels)`, memoised: a few dict look-ups per request instead of
+        prometheus_client's label checks and lock (seven children per soft-target request)."""
+        key = (id(metric), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children.setdefault(key, metric.labels(*labels))
+        return child
+
     def record_request(
         self,
         transport: str,
@@ -177,14 +188,14 @@ class Metrics:
         seconds: float,
         tasks: Sequence[str] = (),
     ) -> None:
-        self.requests.labels(transport, model, status).inc()
-        self.request_seconds.labels(transport, model).observe(seconds)
+        self._child(self.requests, transport, model, status).inc()
+        self._child(self.request_seconds, transport, model).observe(seconds)
         for task in tasks:
-            self.task_outputs.labels(transport, model, task).inc()
+            self._child(self.task_outputs, transport, model, task).inc()
 
     def record_bytes(self, transport: str, received: int, sent: int) -> None:
-        self.bytes_received.labels(transport).inc(received)
-        self.bytes_sent.labels(transport).inc(sent)
+        self._child(self.bytes_received, transport).inc(received)
+        self._child(self.bytes_sent, transport).inc(sent)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
