@@ -123,7 +123,10 @@ class TeacherCore:
         try:
             chunk = self.settings.forward_chunk
             # runs a zero sample through the model if it has hints, and times a probe batch
-            engine = Engine(loaded, None if chunk < 0 else chunk, self.settings.forward_workers)
+            layout = {"auto": None, "on": True, "off": False}[self.settings.channels_last]
+            engine = Engine(
+                loaded, None if chunk < 0 else chunk, self.settings.forward_workers, layout
+            )
             log.info("model %r: forward in %s", loaded.config.name, engine.describe_forward())
         except ModelLoadError:
             raise

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from protocol.codec import bfloat16_bits_to_float32, float32_to_bfloat16_bits
 from teacher_server.repository import LoadedModel
@@ -84,17 +85,30 @@ def _chunked_logits(
 
 class Engine:
     def __init__(
-        self, loaded: LoadedModel, forward_chunk: int | None = None, forward_workers: int = 1
+        self,
+        loaded: LoadedModel,
+        forward_chunk: int | None = None,
+        forward_workers: int = 1,
+        channels_last: bool | None = None,
     ) -> None:
         """`forward_chunk`: run merged batches in row chunks of at most this many (0: never);
         None: on a CPU the fastest of whole and `CHUNK_CANDIDATES` on a probe batch (see
         `_fastest_chunk`), on other devices whole batches. `forward_workers`
         > 1, on a CPU: compute that many chunks at once on a thread pool (a batch smaller than
         workers x chunk is cut into one chunk per worker); meant for torch's intra-op threads at
-        1 (`Settings.apply_torch_settings` does that). Other devices use one worker."""
+        1 (`Settings.apply_torch_settings` does that). Other devices use one worker.
+        `channels_last`: run image models (4-d inputs) in the channels-last memory format;
+        None: on a CPU when the model has 2-d convolutions (the default teacher's forward: 1.6x
+        faster), elsewhere not. The same values up to float rounding."""
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
+        if channels_last is None:
+            channels_last = loaded.device.type == "cpu" and _has_conv2d(loaded)
+        self.channels_last = channels_last and len(self.config.input_shape) == 3
+        if self.channels_last:
+            for module in _modules(loaded):
+                module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.forward_workers = max(1, forward_workers) if loaded.device.type == "cpu" else 1
         self._pool = (
             ThreadPoolExecutor(self.forward_workers, thread_name_prefix="forward")
@@ -113,6 +127,8 @@ class Engine:
     def describe_forward(self) -> str:
         """How merged batches are run, and why: for the load log."""
         mode = f"chunks of {self.forward_chunk} rows" if self.forward_chunk else "whole batches"
+        if self.channels_last:
+            mode += ", channels last"
         if not self.chunk_timings:
             return f"{mode} (not probed)"
         ms = {size or "whole": round(t * 1e3, 2) for size, t in self.chunk_timings.items()}
@@ -173,7 +189,10 @@ class Engine:
                 else array.astype(np.float32, copy=False)
                 for array in arrays
             ]
-        return torch.from_numpy(np.concatenate(parts)).to(self.device)
+        batch = torch.from_numpy(np.concatenate(parts)).to(self.device)
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        return batch
 
     def _probe_hint_shapes(self) -> dict[str, tuple[int, ...]]:
         """Per-sample shapes of the declared hints, found by one forward of a zero sample."""
@@ -235,7 +254,9 @@ class Engine:
                         output_dtype=request.output_dtype,
                         outputs=tuple(_rows(result, offset, offset + size) for result in shaped),
                         hints={
-                            name: features[name][start : start + size].float().cpu().numpy()
+                            name: np.ascontiguousarray(
+                                features[name][start : start + size].float().cpu().numpy()
+                            )
                             for name in request.hints
                         },
                     )
@@ -243,6 +264,19 @@ class Engine:
                 offset += size
                 start += size
         return results
+
+
+def _modules(loaded: LoadedModel) -> list[nn.Module]:
+    """The torch modules of a plain model or of every member of an ensemble."""
+    if loaded.members:
+        return [module for member in loaded.members for module in _modules(member)]
+    return [loaded.module] if loaded.module is not None else []
+
+
+def _has_conv2d(loaded: LoadedModel) -> bool:
+    return any(
+        isinstance(layer, nn.Conv2d) for module in _modules(loaded) for layer in module.modules()
+    )
 
 
 def _groups(batch: list[ValidatedRequest]) -> list[list[ValidatedRequest]]:

@@ -64,6 +64,11 @@ class Settings(BaseSettings):
         "threads, the fastest for a server alone on its cores; set it to the number of cores "
         "when students train on the same machine (docs/performance.md)",
     )
+    channels_last: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="run image models (4-d inputs) in the channels-last memory format; auto: "
+        "on a CPU for models with 2-d convolutions (the default teacher's forward: 1.6x faster)",
+    )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
     )

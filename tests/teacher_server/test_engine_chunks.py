@@ -120,3 +120,31 @@ def test_requests_sharing_settings_are_shaped_together_and_keep_their_own_rows(
                 np.testing.assert_array_equal(a.indices, b.indices)
             if b.tail_mass is not None:
                 np.testing.assert_allclose(a.tail_mass, b.tail_mass, rtol=0, atol=1e-6)
+
+
+def test_channels_last_gives_the_same_soft_targets_and_hints(
+    default_repository: Path, mnist_test_images: tuple[np.ndarray, np.ndarray]
+) -> None:
+    """The channels-last layout (auto: on for a CPU model with 2-d convolutions) changes float
+    rounding only: soft targets and hints equal the default layout's, hints as C-order arrays."""
+    folder = default_repository / "mnist-multitask"
+    plain = Engine(load_model(folder, torch.device("cpu"), ("teacher_server.models.",)), 0, 1, False)
+    auto = Engine(load_model(folder, torch.device("cpu"), ("teacher_server.models.",)), 0)
+    assert not plain.channels_last and auto.channels_last
+    assert "channels last" in auto.describe_forward()
+    hints = tuple(plain.config.hints)
+    requests = []
+    for engine in (plain, auto):
+        batch = mnist_test_images[0][:24]
+        request = SoftTargetsRequest(
+            model=engine.config.name, inputs=batch, temperature=2.0, hints=hints, batch_id="b"
+        )
+        requests.append([ValidatedRequest(request, engine.config.task_names, batch)])
+    (expected,) = plain.run(requests[0])
+    (got,) = auto.run(requests[1])
+    for a, b in zip(got.outputs, expected.outputs, strict=True):
+        np.testing.assert_allclose(a.values, b.values, rtol=0, atol=1e-5)
+    assert set(got.hints) == set(hints) and hints
+    for name in hints:
+        assert got.hints[name].flags.c_contiguous
+        np.testing.assert_allclose(got.hints[name], expected.hints[name], rtol=1e-4, atol=1e-4)
