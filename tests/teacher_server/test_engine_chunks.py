@@ -128,7 +128,9 @@ def test_channels_last_gives_the_same_soft_targets_and_hints(
     """The channels-last layout (auto: on for a CPU model with 2-d convolutions) changes float
     rounding only: soft targets and hints equal the default layout's, hints as C-order arrays."""
     folder = default_repository / "mnist-multitask"
-    plain = Engine(load_model(folder, torch.device("cpu"), ("teacher_server.models.",)), 0, 1, False)
+    plain = Engine(
+        load_model(folder, torch.device("cpu"), ("teacher_server.models.",)), 0, 1, False
+    )
     auto = Engine(load_model(folder, torch.device("cpu"), ("teacher_server.models.",)), 0)
     assert not plain.channels_last and auto.channels_last
     assert "channels last" in auto.describe_forward()
