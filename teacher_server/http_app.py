@@ -81,6 +81,16 @@ def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
                 f"inputs: value {float(parsed[tuple(where)])!r} at index {where} is not a {body.dtype}",
                 "inputs",
             )
+    if dtype.kind == "f" and parsed.size:
+        # a finite JSON number beyond the dtype's range would become inf in the cast
+        bad = np.isfinite(parsed) & (np.abs(parsed) > np.finfo(dtype).max)
+        if bad.any():
+            where = [int(i) for i in np.argwhere(bad)[0]]
+            raise InvalidArgument(
+                f"inputs: value {float(parsed[tuple(where)])!r} at index {where} is outside the "
+                f"{body.dtype} range",
+                "inputs",
+            )
     array = parsed.astype(dtype)
     if body.shape is not None:
         count = codec.element_count(body.shape, "inputs", codec.DEFAULT_MAX_ELEMENTS)

@@ -55,6 +55,13 @@ def json_body(inputs: np.ndarray | list[Any] | None = None, **fields: Any) -> st
     return json.dumps({"inputs": inputs, **fields})
 
 
+def _with_json_value(value: float) -> list[Any]:
+    """GOOD as nested lists with one value no float32 array can hold."""
+    inputs: list[Any] = GOOD.tolist()
+    inputs[1][0][3][4] = value
+    return inputs
+
+
 def with_value(value: float) -> np.ndarray:
     inputs = GOOD.copy()
     inputs[1, 0, 3, 4] = value
@@ -142,6 +149,13 @@ CASES = [
         grpc=lambda: grpc_request(with_value(-math.inf)),
         http=lambda: json_body(with_value(math.inf)),
         fragment="not finite",
+    ),
+    Case(
+        "a JSON number beyond float32",
+        "INVALID_ARGUMENT",
+        "inputs",
+        http=lambda: json_body(_with_json_value(1e300)),
+        fragment="value 1e+300 at index [1, 0, 3, 4] is outside the float32 range",
     ),
     Case(
         "unknown model",
