@@ -430,16 +430,10 @@ class MultiTaskKDLoss(nn.Module):
                 return loss
         total: Tensor | None = None
         task_losses: dict[str, float] = {}
-        for task, logits in student_logits.items():
-            if task not in teacher_probs:
-                raise KeyError(
-                    f"teacher_probs: no soft targets for task {task!r}; "
-                    f"got tasks {sorted(teacher_probs)}"
-                )
-            task_labels = None if labels is None else labels.get(task)
-            task_loss = self.kd(logits, teacher_probs[task], task_labels)  # ()
+        for task, (logits, teacher, task_labels, weight) in tasks.items():
+            task_loss = self.kd(logits, teacher, task_labels)  # ()
             task_losses[task] = float(task_loss.detach())
-            weighted = self.task_weights.get(task, 1.0) * task_loss  # ()
+            weighted = weight * task_loss  # ()
             total = weighted if total is None else total + weighted
         self.last_task_losses = task_losses
         assert total is not None  # student_logits is non-empty

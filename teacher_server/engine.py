@@ -12,6 +12,7 @@ worker per engine). Results are split back per request in the order given.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
 from collections.abc import Callable
@@ -148,9 +149,9 @@ class Engine:
         `chunk_timings` keeps the times."""
         dtype = np.int64 if self.config.input_dtype == "int64" else np.float32
         tasks = list(self.config.task_names)
-        one = self._model_inputs([np.zeros((1, *self.config.input_shape), dtype=dtype)])
+        # made as requests' inputs are (dtype, device, memory format)
+        probe = self._model_inputs([np.zeros((PROBE_ROWS, *self.config.input_shape), dtype)])
         with torch.inference_mode():
-            probe = one.expand(PROBE_ROWS, *one.shape[1:]).contiguous()
             _task_logits(self.loaded, probe, tasks)  # the first call initialises lazily
             started = time.perf_counter()
             _task_logits(self.loaded, probe, tasks)
@@ -226,7 +227,8 @@ class Engine:
             )
         results = []
         start = 0
-        for group in _groups(batch):
+        for _, run in itertools.groupby(batch, key=_settings):
+            group = list(run)
             # Requests side by side with the same tasks and output settings (the usual case:
             # students of one run) get their values, telemetry and shaping in one set of ops
             # over all their rows, then split by rows: each op is row-wise, so every request's
@@ -279,19 +281,10 @@ def _has_conv2d(loaded: LoadedModel) -> bool:
     )
 
 
-def _groups(batch: list[ValidatedRequest]) -> list[list[ValidatedRequest]]:
-    """`batch` cut into runs of consecutive requests with the same tasks, temperature, output,
-    top-k and output dtype (order kept)."""
-    groups: list[list[ValidatedRequest]] = []
-    last: tuple[object, ...] | None = None
-    for item in batch:
-        request = item.request
-        key = (item.tasks, request.temperature, request.output, request.top_k, request.output_dtype)
-        if key != last:
-            groups.append([])
-            last = key
-        groups[-1].append(item)
-    return groups
+def _settings(item: ValidatedRequest) -> tuple[object, ...]:
+    """What requests must share to be post-processed together: tasks and output settings."""
+    request = item.request
+    return (item.tasks, request.temperature, request.output, request.top_k, request.output_dtype)
 
 
 def _rows(result: TaskResult, start: int, end: int) -> TaskResult:

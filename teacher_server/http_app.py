@@ -67,6 +67,7 @@ def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
             f"inputs: not a rectangular array of numbers ({error})", "inputs"
         ) from None
     dtype = np.dtype(body.dtype)
+    # the cast below must not change a value: no truncated, wrapped or infinite numbers
     if dtype.kind in "iu" and parsed.size:
         info = np.iinfo(dtype)
         bad = (
@@ -75,22 +76,17 @@ def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
             | (parsed < info.min)
             | (parsed > info.max)
         )
-        if bad.any():
-            where = [int(i) for i in np.argwhere(bad)[0]]
-            raise InvalidArgument(
-                f"inputs: value {float(parsed[tuple(where)])!r} at index {where} is not a {body.dtype}",
-                "inputs",
-            )
-    if dtype.kind == "f" and parsed.size:
-        # a finite JSON number beyond the dtype's range would become inf in the cast
+        problem = f"is not a {body.dtype}"
+    elif dtype.kind == "f" and parsed.size:
         bad = np.isfinite(parsed) & (np.abs(parsed) > np.finfo(dtype).max)
-        if bad.any():
-            where = [int(i) for i in np.argwhere(bad)[0]]
-            raise InvalidArgument(
-                f"inputs: value {float(parsed[tuple(where)])!r} at index {where} is outside the "
-                f"{body.dtype} range",
-                "inputs",
-            )
+        problem = f"is outside the {body.dtype} range"
+    else:
+        bad, problem = np.zeros(0, bool), ""
+    if bad.any():
+        where = [int(i) for i in np.argwhere(bad)[0]]
+        raise InvalidArgument(
+            f"inputs: value {float(parsed[tuple(where)])!r} at index {where} {problem}", "inputs"
+        )
     array = parsed.astype(dtype)
     if body.shape is not None:
         count = codec.element_count(body.shape, "inputs", codec.DEFAULT_MAX_ELEMENTS)
