@@ -308,7 +308,7 @@ def machine_summary() -> dict[str, Any]:
 def ensure_repository(repository: Path) -> Path:
     """`repository`, with the default teacher trained into it first if it holds no model (no
     `config.json` in a model folder or a version subfolder)."""
-    from teacher_server.default_teacher import train_default_teacher
+    from teacher_server.repository.default_teacher import train_default_teacher
 
     if not any(repository.glob("*/config.json")) and not any(repository.glob("*/*/config.json")):
         print(f"no model in {repository}: training the default teacher (about 30 s)...")

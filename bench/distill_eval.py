@@ -244,7 +244,7 @@ def build_digits_repository(root: Path, data: Dataset) -> tuple[Path, dict[str, 
     `root/digits-multitask` (architecture `bench.light_teacher:LightTeacher`). Returns the
     repository and the teacher's held-out accuracy."""
     from bench.light_teacher import LIGHT_ARCHITECTURE, TASK_CLASSES
-    from teacher_server.package import package_model
+    from teacher_server.repository.package import package_model
 
     with torch_threads(1):
         model, accuracy = train_digits_teacher(data)
@@ -352,7 +352,7 @@ def fetch_logits(
 
 def probs_at(logits: np.ndarray, temperature: float) -> torch.Tensor:
     """softmax(logits / T) in float64, rounded to float32: the server's own computation of
-    `probs` (teacher_server.engine.task_values)."""
+    `probs` (teacher_server.serving.engine.task_values)."""
     z = torch.from_numpy(np.asarray(logits, dtype=np.float32)).double() / temperature
     return torch.softmax(z, dim=1).float()
 

@@ -100,7 +100,8 @@ def train_light_teacher(epochs: int = 20, seed: int = 0) -> tuple[LightTeacher, 
 def build_light_repository(root: Path) -> Path:
     """Train the light teacher and write it as `root/light-digits/` (config.json +
     model.safetensors). Returns `root`."""
-    from teacher_server.repository import ModelConfig, TaskConfig, save_model
+    from teacher_server.repository.model_config import ModelConfig, TaskConfig
+    from teacher_server.repository.store import save_model
 
     model, accuracy = train_light_teacher()
     config = ModelConfig(

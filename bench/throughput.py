@@ -69,9 +69,9 @@ from student_client.datasets import mnist_multitask
 from student_client.messages import request_to_pb
 from student_client.teacher_process import TeacherProcess
 from student_client.types import TargetOptions
-from teacher_server.engine import Engine
-from teacher_server.repository import load_model
-from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+from teacher_server.repository.store import load_model
+from teacher_server.serving.engine import Engine
+from teacher_server.serving.schema import SoftTargetsRequest, ValidatedRequest
 
 BATCH_SIZES = (1, 32, 256)
 STREAM_DEPTH = 16

@@ -54,9 +54,9 @@ from student_client.losses import MultiTaskKDLoss
 from student_client.models import StudentMLP
 from student_client.trainer import Batch, distillation_loss, fit, hard_label_loss
 from student_client.types import SoftTargets, TargetOptions
-from teacher_server.engine import Engine
-from teacher_server.repository import load_model
-from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+from teacher_server.repository.store import load_model
+from teacher_server.serving.engine import Engine
+from teacher_server.serving.schema import SoftTargetsRequest, ValidatedRequest
 
 HIDDEN = (512,)
 BATCH_SIZE = 64

@@ -72,6 +72,44 @@ def parse_dtype_name(name: str, field: str) -> pb.DataType:
         ) from None
 
 
+def refuse_bfloat16_inputs(dtype: int, field: str) -> None:
+    """Inputs are never bfloat16 (it is an output rounding only): `InvalidArgument` naming `field`
+    if `dtype` is BFLOAT16. Every door that reads an input dtype calls this."""
+    if dtype == pb.BFLOAT16:
+        raise InvalidArgument(
+            f"{field}: bfloat16 inputs are not accepted; send float32, float16 or uint8", field
+        )
+
+
+def check_json_cast(parsed: np.ndarray, dtype: np.dtype, field: str, type_name: str) -> None:
+    """Refuse JSON numbers (`parsed`, as float64: JSON numbers are doubles) that a cast to `dtype`
+    would change: for an integer dtype a fraction, a non-finite number or one out of range (numpy
+    would truncate 0.7 to 0 or wrap 300 to 44); for a float dtype a finite number beyond its range
+    (it would become inf). `type_name` is the dtype as the request named it (`int64`, `INT64`)."""
+    if not parsed.size:
+        return
+    if dtype.kind in "iu":
+        limits = np.iinfo(dtype)
+        bad = (
+            ~np.isfinite(parsed)
+            | (parsed != np.round(parsed))
+            | (parsed < limits.min)
+            | (parsed > limits.max)
+        )
+        problem = f"is not a {type_name}"
+    elif dtype.kind == "f":
+        bad = np.isfinite(parsed) & (np.abs(parsed) > np.finfo(dtype).max)
+        problem = f"is outside the {type_name} range"
+    else:
+        return
+    if bad.any():
+        index = int(np.flatnonzero(bad)[0])
+        at = [int(i) for i in np.unravel_index(index, parsed.shape)]
+        raise InvalidArgument(
+            f"{field}: value {float(parsed.flat[index])!r} at index {at} {problem}", field
+        )
+
+
 def itemsize(dtype: pb.DataType) -> int:
     return _WIRE_NUMPY[dtype].itemsize
 

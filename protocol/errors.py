@@ -2,12 +2,14 @@
 
 Every error the teacher returns is a `TeacherError` subclass carrying a `message` that names the
 field and the value, and the `field` itself (e.g. `inputs.shape`). The server raises them from its
-core; each transport turns them into its own status with `grpc_status` / `http_status`; the client
-turns a status back into the same class with `error_from_code`, so a training script catches
-`InvalidArgument` whatever transport it used.
+core; each transport turns them into its own status with `grpc_status` / `http_status` (and, for
+temporary refusals, a `Retry-After` of `retry_after_s`); the client turns a status back into the
+same class with `error_from_code`, so a training script catches `InvalidArgument` whatever
+transport it used. The classes are the one table: code, gRPC status, HTTP status, Retry-After.
 
 On gRPC the code and field also travel as trailing metadata (`error-code`, `error-field`); on HTTP
-the body is `{"error": {"code": ..., "message": ..., "field": ...}}`.
+the body is `{"error": {"code": ..., "message": ..., "field": ...}}` (`{"error": "<message>"}` on
+the v2 routes).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from __future__ import annotations
 from typing import ClassVar
 
 import grpc
+
+GRPC_CODE_KEY = "error-code"
+GRPC_FIELD_KEY = "error-field"
 
 
 class TeacherError(Exception):
@@ -24,6 +29,7 @@ class TeacherError(Exception):
     grpc_status: ClassVar[grpc.StatusCode] = grpc.StatusCode.INTERNAL
     http_status: ClassVar[int] = 500
     retryable: ClassVar[bool] = False
+    retry_after_s: ClassVar[int | None] = None  # HTTP `Retry-After`: when to come back
 
     def __init__(self, message: str, field: str = "") -> None:
         super().__init__(message)
@@ -32,6 +38,14 @@ class TeacherError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message, "field": self.field}
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers an HTTP answer carries: `Retry-After` for temporary refusals."""
+        return {} if self.retry_after_s is None else {"retry-after": str(self.retry_after_s)}
+
+    def grpc_trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The code and field as gRPC trailing metadata (`error-code`, `error-field`)."""
+        return ((GRPC_CODE_KEY, self.code), (GRPC_FIELD_KEY, self.field))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, field={self.field!r})"
@@ -69,6 +83,7 @@ class ResourceExhausted(TeacherError):
     grpc_status = grpc.StatusCode.RESOURCE_EXHAUSTED
     http_status = 429
     retryable = True
+    retry_after_s: ClassVar[int | None] = 1
 
 
 class MessageTooLarge(ResourceExhausted):
@@ -78,6 +93,7 @@ class MessageTooLarge(ResourceExhausted):
 
     http_status = 413
     retryable = False
+    retry_after_s = None
 
 
 class Unavailable(TeacherError):
@@ -87,6 +103,7 @@ class Unavailable(TeacherError):
     grpc_status = grpc.StatusCode.UNAVAILABLE
     http_status = 503
     retryable = True
+    retry_after_s: ClassVar[int | None] = 1
 
 
 class DeadlineExceeded(TeacherError):
@@ -130,8 +147,8 @@ _BY_GRPC_STATUS: dict[grpc.StatusCode, type[TeacherError]] = {
 }
 _BY_GRPC_STATUS[grpc.StatusCode.CANCELLED] = Unavailable
 
-GRPC_CODE_KEY = "error-code"
-GRPC_FIELD_KEY = "error-field"
+_BY_HTTP_STATUS: dict[int, type[TeacherError]] = {cls.http_status: cls for cls in ERRORS.values()}
+_BY_HTTP_STATUS[405] = InvalidArgument  # a method the route does not take
 
 
 def error_from_code(code: str, message: str, field: str = "") -> TeacherError:
@@ -142,3 +159,8 @@ def error_from_code(code: str, message: str, field: str = "") -> TeacherError:
 def error_from_grpc_status(status: grpc.StatusCode, message: str, field: str = "") -> TeacherError:
     """Map a gRPC status (with no `error-code` metadata, e.g. from grpc itself) to an error."""
     return _BY_GRPC_STATUS.get(status, Internal)(message, field)
+
+
+def error_from_http_status(status: int, message: str, field: str = "") -> TeacherError:
+    """Map an HTTP status (e.g. a router's 404 or 405, with no error body of ours) to an error."""
+    return _BY_HTTP_STATUS.get(status, Internal)(message, field)

@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from teacher_server.engine import Engine
-from teacher_server.repository import load_model
-from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+from teacher_server.repository.store import load_model
+from teacher_server.serving.engine import Engine
+from teacher_server.serving.schema import SoftTargetsRequest, ValidatedRequest
 
 
 def requests(images: np.ndarray) -> list[ValidatedRequest]:

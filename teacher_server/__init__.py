@@ -1,5 +1,5 @@
 """The teacher server: hosts multi-task PyTorch models and serves their soft targets over gRPC and
-HTTP from one asyncio process (see docs/architecture in ../shared/guides and docs/protocol.md)."""
+HTTP, in our own protocol and the v2 one, from one asyncio process (see docs/architecture.md)."""
 
 import os
 
@@ -7,6 +7,6 @@ import os
 # By default OpenMP's worker threads spin for a while after every parallel region, waiting for
 # the next one. In a server the forward shares the cores with the event loop and gRPC's threads,
 # and a spinning worker takes a core from them; a worker preempted in turn stalls the next
-# forward at its barrier. Measured on a 2-core machine, batch 256 over gRPC: 5,300 -> 7,000
-# samples/s (docs/performance.md). An explicit OMP_WAIT_POLICY in the environment wins.
+# forward at its barrier. Passive waiting gives those cores back (the throughput it buys is in
+# docs/performance.md). An explicit OMP_WAIT_POLICY in the environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -73,10 +73,16 @@ def _add_package_parser(commands: Any) -> None:
     package.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 
 
+def _environment_settings() -> Settings:
+    """The settings from `TEACHER_*` variables and defaults alone, as the server reads them."""
+    environment: dict[str, Any] = {}
+    return Settings(**environment)
+
+
 def _package(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from teacher_server.model_config import ModelLoadError
-    from teacher_server.package import package_command
+    from teacher_server.repository.model_config import ModelLoadError
+    from teacher_server.repository.package import package_command
 
     try:
         version = package_command(
@@ -92,6 +98,7 @@ def _package(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             max_value=args.max_value,
             description=args.description,
             name=args.name,
+            server_prefixes=_environment_settings().allowed_architectures,
             allow_architecture_prefixes=args.allow_architecture_prefix,
             overwrite=args.overwrite,
         )
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         _package(parser, args)
     else:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        from teacher_server.default_teacher import train_default_teacher
+        from teacher_server.repository.default_teacher import train_default_teacher
 
         train_default_teacher(args.out, epochs=args.epochs)
 

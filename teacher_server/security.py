@@ -11,14 +11,15 @@ is checked.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Unauthenticated
+from protocol.errors import Unauthenticated
+from teacher_server.http_errors import error_response
 
 EXEMPT_GRPC_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 EXEMPT_HTTP_PATHS = frozenset(
@@ -34,28 +35,18 @@ EXEMPT_HTTP_PATHS = frozenset(
 )
 
 
-def load_token(token: str | None, token_file: Path | None) -> str | None:
-    """The configured token: the value itself, else the file's content (stripped), else None."""
-    if token:
-        return token
-    if token_file is not None:
-        value = token_file.read_text().strip()
-        if not value:
-            raise ValueError(f"auth token file {token_file} is empty")
-        return value
-    return None
-
-
 def authorized(header: str | None, token: str) -> bool:
     expected = f"Bearer {token}".encode()
     return header is not None and hmac.compare_digest(header.encode(), expected)
 
 
-_MISSING = Unauthenticated("authorization: missing or wrong bearer token", "authorization")
+def _missing() -> Unauthenticated:
+    return Unauthenticated("authorization: missing or wrong bearer token", "authorization")
 
 
 class GrpcTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without the bearer token with UNAUTHENTICATED (health and reflection exempt)."""
+    """Refuses calls without the bearer token with UNAUTHENTICATED (health and reflection exempt).
+    Goes after `teacher_server.grpc_errors.ErrorInterceptor`, which answers the refusal."""
 
     def __init__(self, token: str) -> None:
         self._token = token
@@ -76,29 +67,32 @@ class GrpcTokenInterceptor(grpc.aio.ServerInterceptor):
 
 
 async def _refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-    context.set_trailing_metadata(
-        ((GRPC_CODE_KEY, _MISSING.code), (GRPC_FIELD_KEY, _MISSING.field))
-    )
-    await context.abort(_MISSING.grpc_status, _MISSING.message)
+    raise _missing()  # answered by teacher_server.grpc_errors.ErrorInterceptor
+
+
+async def _refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    raise _missing()
+    yield  # a generator, as grpc expects of a response-streaming handler
 
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that aborts with UNAUTHENTICATED."""
+    """A handler of the same kind as `handler` that raises `Unauthenticated`."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(_refuse, **kwargs)  # type: ignore[arg-type]
+        return grpc.stream_stream_rpc_method_handler(_refuse_stream, **kwargs)  # type: ignore[arg-type]
     if handler.request_streaming:
         return grpc.stream_unary_rpc_method_handler(_refuse, **kwargs)  # type: ignore[arg-type]
     if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(_refuse, **kwargs)  # type: ignore[arg-type]
+        return grpc.unary_stream_rpc_method_handler(_refuse_stream, **kwargs)  # type: ignore[arg-type]
     return grpc.unary_unary_rpc_method_handler(_refuse, **kwargs)  # type: ignore[arg-type]
 
 
 class HttpTokenMiddleware:
-    """ASGI middleware: 401 with the standard error body for requests without the token."""
+    """ASGI middleware: 401, in the error body of the API the path belongs to, for requests
+    without the token."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -112,13 +106,7 @@ class HttpTokenMiddleware:
         if authorized(headers.get("authorization"), self.token):
             await self.app(scope, receive, send)
             return
-        from starlette.responses import JSONResponse
-
-        response = JSONResponse(
-            {"error": _MISSING.to_dict()},
-            status_code=_MISSING.http_status,
-            headers={"www-authenticate": "Bearer"},
-        )
+        response = error_response(scope["path"], _missing(), headers={"www-authenticate": "Bearer"})
         await response(scope, receive, send)
 
 

@@ -1,5 +1,7 @@
-"""One teacher process: gRPC (`grpc.aio`) and HTTP (uvicorn + FastAPI) on one asyncio loop, sharing
-one core (models, batchers). Started by `teacher-server serve`.
+"""One teacher process: both doors, gRPC (`grpc.aio`) and HTTP (uvicorn + FastAPI), on one loop.
+
+Both doors share one core (models, batchers) and speak both protocols, our own `distill.v1` and
+the Open Inference Protocol (v2). Started by `teacher-server serve`.
 
 Start-up order: load (or train) the models, start the batchers, bind both ports, then mark the
 gRPC health service SERVING and write the port file, so a waiting client sees "ready" only when
@@ -22,19 +24,29 @@ from pathlib import Path
 
 import grpc
 import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.core import TeacherCore
-from teacher_server.grpc_service import DecodeErrorInterceptor, TeacherServicer
-from teacher_server.http_app import create_app
-from teacher_server.security import GrpcTokenInterceptor, grpc_server_credentials
+from teacher_server.grpc_errors import DecodeErrorInterceptor, ErrorInterceptor
+from teacher_server.http_errors import add_error_handlers
+from teacher_server.security import (
+    GrpcTokenInterceptor,
+    HttpTokenMiddleware,
+    grpc_server_credentials,
+)
+from teacher_server.serving.core import TeacherCore
+from teacher_server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from teacher_server.settings import Settings
-from teacher_server.v2_grpc import SERVICE_NAME as V2_SERVICE_NAME
-from teacher_server.v2_grpc import add_inference_service
+from teacher_server.v1.grpc import TeacherServicer
+from teacher_server.v1.http import create_v1_router
+from teacher_server.v2.grpc import SERVICE_NAME as V2_SERVICE_NAME
+from teacher_server.v2.grpc import add_inference_service
+from teacher_server.v2.http import create_v2_router
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +57,42 @@ class _Uvicorn(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+def create_app(
+    core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024, token: str | None = None
+) -> FastAPI:
+    """The HTTP door over `core`: our `/v1` routes, the v2 routes, health, metrics and the API
+    docs at `/docs`. Request bodies above `max_message_bytes` get 413; with `token`, every route
+    but health, metrics and docs needs `authorization: Bearer <token>`."""
+    app = FastAPI(
+        title="Distillation teacher",
+        summary="Soft targets of a multi-task teacher, per task, at a chosen temperature.",
+        version="1",
+    )
+    if token:
+        app.add_middleware(HttpTokenMiddleware, token=token)
+    add_error_handlers(app)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> JSONResponse:
+        """Readiness: models loaded and accepting requests (503 while starting or stopping)."""
+        ready = core.ready
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def metrics() -> Response:
+        """Prometheus metrics (see docs/operations.md)."""
+        return Response(core.metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
+    app.include_router(create_v1_router(core, max_message_bytes))
+    app.include_router(create_v2_router(core, max_message_bytes))
+    return app
 
 
 def _write_port_file(path: Path, grpc_port: int, http_port: int) -> None:
@@ -66,10 +114,12 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
     token = settings.token()
-    # The token is checked first, so an unauthenticated call is refused before its body is read.
-    interceptors: list[grpc.aio.ServerInterceptor] = [DecodeErrorInterceptor()]
+    # Errors first (it answers every TeacherError raised after it, the token check's included);
+    # the token before decoding, so an unauthenticated call is refused whatever its body holds.
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
     if token:
-        interceptors.insert(0, GrpcTokenInterceptor(token))
+        interceptors.append(GrpcTokenInterceptor(token))
+    interceptors.append(DecodeErrorInterceptor())
     grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
     max_elements = settings.max_message_bytes  # no tensor of N elements fits in fewer than N bytes
     pb_grpc.add_TeacherServiceServicer_to_server(
@@ -98,7 +148,7 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
 
     family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio only sets TCP_NODELAY on such sockets, and without it Nagle
-    # plus delayed ACKs add ~40 ms to every small HTTP response.
+    # plus delayed ACKs add the peer's delayed-ACK timeout to every small HTTP response.
     http_socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     http_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     http_socket.bind((settings.host, settings.http_port))

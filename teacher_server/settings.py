@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     channels_last: Literal["auto", "on", "off"] = Field(
         "auto",
         description="run image models (4-d inputs) in the channels-last memory format; auto: "
-        "on a CPU for models with 2-d convolutions (the default teacher's forward: 1.6x faster)",
+        "on a CPU for models with 2-d convolutions, where that layout is faster",
     )
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
@@ -128,8 +128,6 @@ class Settings(BaseSettings):
 
     def token(self) -> str | None:
         """The bearer token required of clients, or None (no authentication)."""
-        from teacher_server.security import load_token
-
         secret = self.auth_token.get_secret_value() if self.auth_token else None
         return load_token(secret, self.auth_token_file)
 
@@ -147,3 +145,15 @@ class Settings(BaseSettings):
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+def load_token(token: str | None, token_file: Path | None) -> str | None:
+    """The configured token: the value itself, else the file's content (stripped), else None."""
+    if token:
+        return token
+    if token_file is not None:
+        value = token_file.read_text().strip()
+        if not value:
+            raise ValueError(f"auth token file {token_file} is empty")
+        return value
+    return None

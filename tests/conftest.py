@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server.default_teacher import DEFAULT_MODEL_NAME
+from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
 from tests.readiness import wait_for_doors, wait_for_ports
 
 START_TIMEOUT_S = 60.0
@@ -174,7 +174,7 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
         return Path(reuse)
     import torch
 
-    from teacher_server.default_teacher import train_default_teacher
+    from teacher_server.repository.default_teacher import train_default_teacher
 
     root = tmp_path_factory.mktemp("model_repository")
     threads = torch.get_num_threads()
@@ -248,7 +248,7 @@ def http(teacher: TeacherProcess) -> Iterator[httpx.Client]:
 @pytest.fixture(scope="session")
 def mnist_test_images() -> tuple[np.ndarray, np.ndarray]:
     """The held-out split: images (1000, 1, 28, 28) float32 in [0, 1], digits (1000,) int64."""
-    from teacher_server.default_teacher import mnist_split
+    from teacher_server.repository.default_teacher import mnist_split
 
     _, _, images, digits = mnist_split()
     return images, digits

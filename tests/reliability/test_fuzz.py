@@ -3,10 +3,10 @@ and validation either give a valid request or raise a `protocol.errors.TeacherEr
 door turns into a status naming the field), never another exception (which would be a 500 /
 UNKNOWN, or worse, a crash).
 
-Covered: `teacher_server.wire.request_from_pb` + `teacher_server.validation.validate` with
+Covered: `teacher_server.v1.convert.request_from_pb` + `teacher_server.serving.validation.validate` with
 arbitrary protobuf field values; the HTTP protobuf body parser
-(`teacher_server.http_app._request_from_protobuf`) with arbitrary and mutated bytes; the HTTP JSON
-body parser (`teacher_server.http_app._request_from_json`) with arbitrary bytes, arbitrary JSON
+(`teacher_server.v1.convert.request_from_protobuf`) with arbitrary and mutated bytes; the HTTP JSON
+body parser (`teacher_server.v1.convert.request_from_json`) with arbitrary bytes, arbitrary JSON
 and JSON objects with the body's keys and arbitrary values.
 """
 
@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 
 from protocol.errors import TeacherError
 from protocol.v1 import teacher_pb2 as pb
-from teacher_server import wire
-from teacher_server.http_app import _request_from_json, _request_from_protobuf
-from teacher_server.schema import ModelInfo, SoftTargetsRequest, TaskInfo, ValidatedRequest
-from teacher_server.validation import validate
+from teacher_server.serving.schema import ModelInfo, SoftTargetsRequest, TaskInfo, ValidatedRequest
+from teacher_server.serving.validation import validate
+from teacher_server.v1 import convert
+from teacher_server.v1.convert import request_from_json as _request_from_json
+from teacher_server.v1.convert import request_from_protobuf as _request_from_protobuf
 
 MODEL = "fuzz-model"
 VERSION = "sha256:" + "ab" * 32
@@ -187,7 +188,7 @@ def test_protobuf_request_decoding_and_validation() -> None:
         @given(data=st.data(), info=st.sampled_from([IMAGE_MODEL, TOKEN_MODEL]))
         def check(data: st.DataObject, info: ModelInfo) -> None:
             message = data.draw(pb_requests(info))
-            counts[outcome(lambda: wire.request_from_pb(message, MAX_ELEMENTS), info)] += 1
+            counts[outcome(lambda: convert.request_from_pb(message, MAX_ELEMENTS), info)] += 1
 
         check()
 

@@ -252,6 +252,25 @@ def test_http_refuses_missing_or_wrong_token(http: httpx.Client, credentials: st
         }
 
 
+@pytest.mark.parametrize("credentials", WRONG_CREDENTIALS)
+def test_http_v2_refuses_missing_or_wrong_token_in_the_v2_body(
+    http: httpx.Client, credentials: str | None
+) -> None:
+    """A `/v2` path is the Open Inference Protocol's: its 401 has the v2 body, not ours."""
+    headers = {"authorization": credentials} if credentials is not None else {}
+    infer = {"inputs": [{"name": "inputs", "datatype": "FP32", "shape": [1, 1, 28, 28]}]}
+    responses = [
+        http.get("/v2", headers=headers),
+        http.get(f"/v2/models/{MODEL}", headers=headers),
+        http.post(f"/v2/models/{MODEL}/infer", json=infer, headers=headers),
+        http.get("/v2/no-such-route", headers=headers),
+    ]
+    for response in responses:
+        assert response.status_code == 401, response.text
+        assert response.headers["www-authenticate"] == "Bearer"
+        assert response.json() == {"error": "authorization: missing or wrong bearer token"}
+
+
 def test_health_needs_no_token(auth_teacher: Teacher, http: httpx.Client) -> None:
     assert http.get("/healthz").status_code == 200
     assert http.get("/readyz").json() == {"ready": True}

@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from student_client import SoftTargetLoader, SoftTargets, TargetOptions, TaskTargets, TeacherClient
 from student_client.cache import CacheError, CacheScope, SoftTargetCache, sample_digests
-from teacher_server.default_teacher import DEFAULT_MODEL_NAME
-from teacher_server.repository import load_model, save_model
+from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
+from teacher_server.repository.store import load_model, save_model
 
 MODEL = DEFAULT_MODEL_NAME
 

@@ -78,7 +78,7 @@ def test_loader_rejects_bad_depth(teacher) -> None:  # type: ignore[no-untyped-d
 
 def test_student_split_is_the_teachers_split() -> None:
     from student_client.datasets import mnist_multitask
-    from teacher_server.default_teacher import mnist_split, task_labels
+    from teacher_server.repository.default_teacher import mnist_split, task_labels
 
     train_x, _, test_x, test_y = mnist_split()
     split = mnist_multitask()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from teacher_server.engine import Engine
-from teacher_server.repository import load_model
-from teacher_server.schema import SoftTargetsRequest, ValidatedRequest
+from teacher_server.repository.store import load_model
+from teacher_server.serving.engine import Engine
+from teacher_server.serving.schema import SoftTargetsRequest, ValidatedRequest
 
 
 def _requests(engine: Engine, images: np.ndarray, sizes: list[int]) -> list[ValidatedRequest]:

@@ -25,7 +25,7 @@ from protocol import codec
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.models.multitask_cnn import MultiTaskCNN
-from teacher_server.package import package_model
+from teacher_server.repository.package import package_model
 from tests.conftest import grpc_channel, http_client, start_teacher
 
 MODEL = "tiny"

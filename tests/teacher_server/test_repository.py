@@ -22,11 +22,11 @@ from protocol import codec
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.cli import main as cli_main
-from teacher_server.default_teacher import DEFAULT_MODEL_NAME
 from teacher_server.models.multitask_cnn import MultiTaskCNN
 from teacher_server.models.text_classifier import TokenClassifier
-from teacher_server.package import package_model
-from teacher_server.repository import load_model
+from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
+from teacher_server.repository.package import package_model
+from teacher_server.repository.store import load_model
 from tests.conftest import grpc_channel, http_client, start_teacher
 
 TIMEOUT = 30.0

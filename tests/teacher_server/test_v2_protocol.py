@@ -5,7 +5,7 @@ Standard clients get the same soft targets as our own client (`student_client.Te
 `tritonclient.grpc` in a subprocess (`v2_grpc_client.py`), because its `inference.*` protobuf
 symbols clash with those of `protocol.kserve_v2`, which this module imports. Then metadata, health,
 errors, the .proto's field numbers against tritonclient's copy, the docs' examples, and unit tests
-of `teacher_server.v2_convert`.
+of `teacher_server.v2.convert*`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,14 @@ from protocol.errors import InvalidArgument, NotFound
 from protocol.kserve_v2 import grpc_predict_v2_pb2 as v2pb
 from protocol.kserve_v2 import grpc_predict_v2_pb2_grpc as v2pb_grpc
 from student_client import TeacherClient
-from teacher_server import v2_convert
-from teacher_server.core import VersionSummary
-from teacher_server.schema import ModelInfo, SoftTargets, TaskInfo, TaskResult
+from teacher_server.serving.schema import (
+    ModelInfo,
+    SoftTargets,
+    TaskInfo,
+    TaskResult,
+    VersionSummary,
+)
+from teacher_server.v2 import convert, convert_grpc, convert_http, metadata
 
 MODEL = "mnist-multitask"
 TASKS = {"digit": 10, "parity": 2, "loops": 3}
@@ -521,19 +526,19 @@ def test_proto_matches_tritonclient(teacher: Any) -> None:
         assert method.output_type.full_name == f"inference.{method.name}Response"
 
 
-# --- unit: v2_convert -------------------------------------------------------------------------
+# --- unit: v2.convert* -------------------------------------------------------------------------
 
 
 def test_binary_body_round_trip() -> None:
     header = {"outputs": [{"name": "a", "parameters": {"binary_data_size": 3}}]}
-    body, length = v2_convert.join_binary_body(header, [b"xy", b"z"])
-    json_part, binary = v2_convert.split_binary_body(body, str(length))
+    body, length = convert_http.join_binary_body(header, [b"xy", b"z"])
+    json_part, binary = convert_http.split_binary_body(body, str(length))
     assert json.loads(json_part) == header
     assert binary == b"xyz"
-    assert v2_convert.split_binary_body(b"{}", None) == (b"{}", b"")
+    assert convert_http.split_binary_body(b"{}", None) == (b"{}", b"")
     for bad in ("-1", "3", "x"):
         with pytest.raises(InvalidArgument) as error:
-            v2_convert.split_binary_body(b"{}", bad)
+            convert_http.split_binary_body(b"{}", bad)
         assert error.value.field == "Inference-Header-Content-Length"
 
 
@@ -541,7 +546,7 @@ def test_binary_body_round_trip() -> None:
 @pytest.mark.parametrize("datatype", ["FP32", "FP16", "UINT8"])
 def test_decode_tritonclient_http_request(binary: bool, datatype: str) -> None:
     """A body made by tritonclient's own encoder decodes to the exact array and options."""
-    dtype = v2_convert.DATATYPES[datatype]
+    dtype = convert.DATATYPES[datatype]
     array = (np.random.default_rng(0).random((2, 1, 4, 4)) * 200).astype(dtype)
     tensor = httpclient.InferInput("inputs", list(array.shape), datatype)
     tensor.set_data_from_numpy(array, binary_data=binary)
@@ -555,7 +560,7 @@ def test_decode_tritonclient_http_request(binary: bool, datatype: str) -> None:
         parameters={"temperature": 2, "output": "log_probs"},
     )
     assert (json_size is not None) == binary
-    decoded = v2_convert.decode_http_infer(
+    decoded = convert_http.decode_http_infer(
         "m", "", body, None if json_size is None else str(json_size), MAX_ELEMENTS
     )
     request = decoded.request
@@ -572,11 +577,11 @@ def test_decode_tritonclient_http_request(binary: bool, datatype: str) -> None:
 @pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
 def test_encode_http_response_read_by_tritonclient(binary: bool) -> None:
     result = fake_result()
-    request = v2_convert.soft_targets_request(
+    request = convert.soft_targets_request(
         "m", "", "b1", {"temperature": 4.0, "output": "log_probs"}, np.zeros((3, 1, 4, 4)), []
     )
-    decoded = v2_convert.DecodedInfer(request, binary_default=binary)
-    body, length = v2_convert.encode_http_infer(result, decoded)
+    decoded = convert.DecodedInfer(request, binary_default=binary)
+    body, length = convert_http.encode_http_infer(result, decoded)
     assert (length is not None) == binary
     parsed = httpclient.InferResult.from_response_body(body, header_length=length)
     for task in result.outputs:
@@ -591,7 +596,7 @@ def test_decode_http_nested_and_flat_json() -> None:
     nested = np.arange(16, dtype=np.uint8).reshape(1, 1, 4, 4)
     for data in (nested.tolist(), nested.ravel().tolist()):
         body = http_body({"inputs": [an_input(datatype="UINT8", data=data)]})
-        decoded = v2_convert.decode_http_infer("m", "v", body, None, MAX_ELEMENTS)
+        decoded = convert_http.decode_http_infer("m", "v", body, None, MAX_ELEMENTS)
         np.testing.assert_array_equal(decoded.request.inputs, nested)
         assert decoded.request.inputs.dtype == np.uint8
         assert decoded.request.model_version == "v"
@@ -663,7 +668,7 @@ def test_decode_http_errors(header: dict[str, Any], binary: bytes, field: str) -
     text = http_body(header)
     length = str(len(text)) if binary else None
     with pytest.raises(InvalidArgument) as error:
-        v2_convert.decode_http_infer("m", "", text + binary, length, 1 << 20)
+        convert_http.decode_http_infer("m", "", text + binary, length, 1 << 20)
     assert error.value.field == field, error.value.message
     assert error.value.message.startswith(field), error.value.message
 
@@ -671,13 +676,13 @@ def test_decode_http_errors(header: dict[str, Any], binary: bytes, field: str) -
 def test_decode_http_not_json() -> None:
     for body in (b"{not json", b"[1, 2]", b"\xff"):
         with pytest.raises(InvalidArgument) as error:
-            v2_convert.decode_http_infer("m", "", body, None, MAX_ELEMENTS)
+            convert_http.decode_http_infer("m", "", body, None, MAX_ELEMENTS)
         assert error.value.field == "body"
 
 
 def test_parameters() -> None:
     inputs = np.zeros((1, 1, 4, 4), np.float32)
-    request = v2_convert.soft_targets_request(
+    request = convert.soft_targets_request(
         "m",
         "",
         "",
@@ -689,9 +694,9 @@ def test_parameters() -> None:
     assert request.tasks == ("digit", "parity")
     assert request.hints == ("features",)
     body = http_body({"inputs": [an_input()], "parameters": {"timeout": 2_500_000}})
-    assert v2_convert.decode_http_infer("m", "", body, None, MAX_ELEMENTS).timeout == 2.5
+    assert convert_http.decode_http_infer("m", "", body, None, MAX_ELEMENTS).timeout == 2.5
     body = http_body({"inputs": [an_input()], "parameters": {"timeout": 0}})
-    assert v2_convert.decode_http_infer("m", "", body, None, MAX_ELEMENTS).timeout is None
+    assert convert_http.decode_http_infer("m", "", body, None, MAX_ELEMENTS).timeout is None
 
 
 def grpc_request(**tensor_fields: Any) -> v2pb.ModelInferRequest:
@@ -709,7 +714,7 @@ def test_decode_grpc_raw_and_typed() -> None:
     raw.parameters["output"].string_param = "logits"
     raw.parameters["timeout"].int64_param = 1_000_000
     raw.outputs.add(name="parity")
-    decoded = v2_convert.decode_grpc_infer(raw, "", MAX_ELEMENTS)
+    decoded = convert_grpc.decode_grpc_infer(raw, "", MAX_ELEMENTS)
     np.testing.assert_array_equal(decoded.request.inputs, array)
     assert decoded.request.temperature == 2.0
     assert decoded.request.output == "logits"
@@ -720,18 +725,18 @@ def test_decode_grpc_raw_and_typed() -> None:
 
     typed = grpc_request(contents=v2pb.InferTensorContents(fp32_contents=array.ravel().tolist()))
     np.testing.assert_array_equal(
-        v2_convert.decode_grpc_infer(typed, "", MAX_ELEMENTS).request.inputs, array
+        convert_grpc.decode_grpc_infer(typed, "", MAX_ELEMENTS).request.inputs, array
     )
     uint8 = grpc_request(
         datatype="UINT8", contents=v2pb.InferTensorContents(uint_contents=[7] * 16)
     )
-    decoded_uint8 = v2_convert.decode_grpc_infer(uint8, "", MAX_ELEMENTS).request.inputs
+    decoded_uint8 = convert_grpc.decode_grpc_infer(uint8, "", MAX_ELEMENTS).request.inputs
     assert decoded_uint8.dtype == np.uint8
     assert decoded_uint8.shape == (1, 1, 4, 4)
     uint64 = grpc_request()
     uint64.raw_input_contents.append(array.tobytes())
     uint64.parameters["temperature"].uint64_param = 5
-    decoded_uint64 = v2_convert.decode_grpc_infer(uint64, "sha256:x", MAX_ELEMENTS).request
+    decoded_uint64 = convert_grpc.decode_grpc_infer(uint64, "sha256:x", MAX_ELEMENTS).request
     assert (decoded_uint64.temperature, decoded_uint64.model_version) == (5.0, "sha256:x")
 
 
@@ -770,16 +775,16 @@ def test_decode_grpc_errors(case: str, field: str) -> None:
         request.raw_input_contents.append(b"\0" * 64)
         request.parameters["temperature"].CopyFrom(v2pb.InferParameter())
     with pytest.raises(InvalidArgument) as error:
-        v2_convert.decode_grpc_infer(request, "", MAX_ELEMENTS)
+        convert_grpc.decode_grpc_infer(request, "", MAX_ELEMENTS)
     assert error.value.field == field, error.value.message
 
 
 def test_encode_grpc_response() -> None:
     result = fake_result()
-    request = v2_convert.soft_targets_request(
+    request = convert.soft_targets_request(
         "m", "", "b1", {"output": "log_probs"}, np.zeros((3, 1, 4, 4)), []
     )
-    response = v2_convert.encode_grpc_infer(result, v2_convert.DecodedInfer(request))
+    response = convert_grpc.encode_grpc_infer(result, convert.DecodedInfer(request))
     assert (response.model_name, response.model_version, response.id) == ("m", "sha256:abc", "b1")
     assert [o.name for o in response.outputs] == ["digit", "parity", "hint:features"]
     arrays = [*(task.values for task in result.outputs), result.hints["features"]]
@@ -789,7 +794,7 @@ def test_encode_grpc_response() -> None:
         assert output.datatype == "FP32"
         assert list(output.shape) == list(array.shape)
         np.testing.assert_array_equal(np.frombuffer(raw, "<f4").reshape(array.shape), array)
-    assert v2_convert.parameters_from_pb(response.parameters) == {
+    assert convert_grpc.parameters_from_pb(response.parameters) == {
         "temperature": 4.0,
         "output": "log_probs",
     }
@@ -797,7 +802,7 @@ def test_encode_grpc_response() -> None:
 
 def test_model_metadata_and_version() -> None:
     info = fake_info()
-    meta = v2_convert.model_metadata(info)
+    meta = metadata.model_metadata(info)
     assert meta == {
         "name": "m",
         "versions": ["sha256:abc"],
@@ -808,10 +813,10 @@ def test_model_metadata_and_version() -> None:
             {"name": "parity", "datatype": "FP32", "shape": [-1, 2]},
         ],
     }
-    message = v2_convert.model_metadata_pb(info)
+    message = convert_grpc.model_metadata_pb(info)
     assert [o.name for o in message.outputs] == ["digit", "parity"]
     assert list(message.inputs[0].shape) == [-1, 1, 4, 4]
-    versions = v2_convert.model_metadata(info, ["sha256:old", "sha256:abc"])["versions"]
+    versions = metadata.model_metadata(info, ["sha256:old", "sha256:abc"])["versions"]
     assert versions == ["sha256:old", "sha256:abc"]
 
 
@@ -822,12 +827,12 @@ def test_resolve_version() -> None:
         VersionSummary("single", "sha256:s", True, default_version=True),
         VersionSummary("broken", "", False, error="failed"),
     ]
-    assert v2_convert.resolve_version(summaries, "m", "1") == "sha256:one"
-    assert v2_convert.resolve_version(summaries, "m", "sha256:two") == "sha256:two"
-    assert v2_convert.resolve_version(summaries, "single", "sha256:s") == "sha256:s"
+    assert metadata.resolve_version(summaries, "m", "1") == "sha256:one"
+    assert metadata.resolve_version(summaries, "m", "sha256:two") == "sha256:two"
+    assert metadata.resolve_version(summaries, "single", "sha256:s") == "sha256:s"
     for model, version in [("m", "3"), ("m", "sha256:s"), ("single", "1"), ("broken", "x")]:
         with pytest.raises(NotFound) as error:
-            v2_convert.resolve_version(summaries, model, version)
+            metadata.resolve_version(summaries, model, version)
         assert error.value.field == "model_version"
     with pytest.raises(NotFound, match=r"has no version '3'; it serves \['1', '2'\]"):
-        v2_convert.resolve_version(summaries, "m", "3")
+        metadata.resolve_version(summaries, "m", "3")

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_server.model_config import ModelConfig, TaskConfig
 from teacher_server.models.multitask_cnn import MultiTaskCNN
-from teacher_server.repository import save_model
+from teacher_server.repository.model_config import ModelConfig, TaskConfig
+from teacher_server.repository.store import save_model
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,14 @@ def ensure_default_teacher(root: Path) -> None:
     """Train the default teacher into `root` unless a model is there, safely when several
     replicas share the folder: one trains under an exclusive lock, into a hidden folder renamed
     into place when complete; the others wait and then find it."""
-    from teacher_server.repository import scan_repository
+    from teacher_server.repository.store import scan_repository
 
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".train-default.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if scan_repository(root):
             return  # trained by another process while this one waited
-        log.info("no model in %s: training the default teacher (about 30 s on 2 CPU cores)", root)
+        log.info("no model in %s: training the default teacher (once: it is saved there)", root)
         partial = root / f".{DEFAULT_MODEL_NAME}.partial-{os.getpid()}"
         train_default_teacher(partial)
         os.replace(partial, root / DEFAULT_MODEL_NAME)

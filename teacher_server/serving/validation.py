@@ -11,7 +11,7 @@ import math
 import numpy as np
 
 from protocol.errors import FailedPrecondition, InvalidArgument
-from teacher_server.schema import (
+from teacher_server.serving.schema import (
     OUTPUT_DTYPES,
     OUTPUT_KINDS,
     ModelInfo,

@@ -21,8 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from protocol.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
-from teacher_server.engine import Engine
-from teacher_server.schema import SoftTargets, ValidatedRequest
+from teacher_server.serving.engine import Engine
+from teacher_server.serving.schema import SoftTargets, ValidatedRequest
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ OUTPUT_DTYPES: Final = ("float32", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class SoftTargetsRequest:
-    """A request as a transport decoded it, before validation (see `teacher_server.validation`)."""
+    """A request as a transport decoded it, before validation (see `teacher_server.serving.validation`)."""
 
     model: str
     inputs: np.ndarray  # (batch, *input_shape), any dtype the transport produced
@@ -95,3 +95,25 @@ class ModelInfo:
     ready: bool
     max_value: int | None = None  # token models: ids must be < max_value
     members: tuple[str, ...] = ()  # ensembles: member model names
+
+
+@dataclass(frozen=True)
+class VersionSummary:
+    """One served version of a model (or a model folder that failed to load: `error` set)."""
+
+    name: str
+    model_version: str
+    ready: bool
+    default_version: bool = False
+    error: str = ""
+    label: str = ""  # the version's subfolder name, e.g. "2"; "" for a model without subfolders
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a reload did: the model's versions now, and the versions loaded and unloaded."""
+
+    model: str
+    versions: tuple[VersionSummary, ...]
+    loaded: tuple[str, ...]
+    unloaded: tuple[str, ...]

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from protocol.codec import bfloat16_bits_to_float32, float32_to_bfloat16_bits
-from teacher_server.repository import LoadedModel
-from teacher_server.schema import SoftTargets, TaskResult, ValidatedRequest
+from teacher_server.repository.store import LoadedModel
+from teacher_server.serving.schema import SoftTargets, TaskResult, ValidatedRequest
 
 
 def accepted_input_dtypes(model_dtype: str) -> tuple[str, ...]:
@@ -47,11 +47,11 @@ def _task_logits(
 
 
 # On a CPU a convolutional teacher's forward can cost far more per sample at batch 256 than at
-# 32-128 (the default teacher: ~1.7x; its activations outgrow the caches), while an MLP's is
-# cheapest whole (the light teacher: chunks of 64 cost ~1.25x). So on a CPU the engine times a
-# probe batch once when the model loads, whole and in chunks of these sizes, and keeps chunks
-# unless whole batches are at least 10% faster (chunks also bound the activations' memory: whole
-# merged batches of the CNN made the server's RSS swing by hundreds of MiB). A GPU wants whole.
+# 32-128 (its activations outgrow the caches), while an MLP's is cheapest whole. So on a CPU the
+# engine times a probe batch once when the model loads, whole and in chunks of these sizes, and
+# keeps chunks unless whole batches are at least 10% faster (chunks also bound the activations'
+# memory, which whole merged batches of a CNN make swing). A GPU wants whole batches.
+# (The figures behind this are in docs/performance.md.)
 CHUNK_CANDIDATES = (64,)
 PROBE_ROWS = 256
 PROBE_MAX_S = 0.25  # a model slower than this on the probe batch gets chunks, unprobed
@@ -99,8 +99,8 @@ class Engine:
         workers x chunk is cut into one chunk per worker); meant for torch's intra-op threads at
         1 (`Settings.apply_torch_settings` does that). Other devices use one worker.
         `channels_last`: run image models (4-d inputs) in the channels-last memory format;
-        None: on a CPU when the model has 2-d convolutions (the default teacher's forward: 1.6x
-        faster), elsewhere not. The same values up to float rounding."""
+        None: on a CPU when the model has 2-d convolutions (where that layout is faster),
+        elsewhere not. The same values up to float rounding."""
         self.loaded = loaded
         self.config = loaded.config
         self.device = loaded.device
@@ -205,7 +205,7 @@ class Engine:
             _, features = _task_logits(self.loaded, self._model_inputs([sample]), [])
         missing = [name for name in self.config.hints if name not in features]
         if missing:
-            from teacher_server.model_config import ModelLoadError
+            from teacher_server.repository.model_config import ModelLoadError
 
             raise ModelLoadError(
                 f"model {self.config.name!r}: hints {missing} are not returned by forward_features "

@@ -1,6 +1,6 @@
 """Package a trained `nn.Module` as a model version the teacher serves.
 
-    from teacher_server.package import package_model
+    from teacher_server.repository.package import package_model
 
     version = package_model(
         Path("model_repository/my-teacher/1"), model,
@@ -35,8 +35,13 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from teacher_server.model_config import ModelConfig, ModelLoadError, TaskConfig, parse_config
-from teacher_server.repository import (
+from teacher_server.repository.model_config import (
+    ModelConfig,
+    ModelLoadError,
+    TaskConfig,
+    parse_config,
+)
+from teacher_server.repository.store import (
     CONFIG_FILE,
     VersionFolder,
     import_architecture,
@@ -312,14 +317,13 @@ def package_command(
     max_value: int | None = None,
     description: str = "",
     name: str | None = None,
+    server_prefixes: Sequence[str] = ("teacher_server.models.",),
     allow_architecture_prefixes: Sequence[str] = (),
     overwrite: bool = False,
 ) -> str:
-    """Build `architecture` (allowed by the server's prefix rule: `TEACHER_ALLOWED_ARCHITECTURES`,
-    or its default, plus `allow_architecture_prefixes`), load `weights` into it, and package it
-    into `out`. Returns the model version."""
-    from teacher_server.settings import Settings
-
+    """Build `architecture` (allowed by the server's prefix rule, `server_prefixes`: the
+    `allowed_architectures` setting, plus `allow_architecture_prefixes`), load `weights` into it,
+    and package it into `out`. Returns the model version."""
     kwargs = json.loads(kwargs_json)
     if not isinstance(kwargs, dict):
         raise ValueError(f"--kwargs: must be a JSON object, got {kwargs_json!r}")
@@ -330,8 +334,7 @@ def package_command(
         shape = [int(d) for d in input_shape.split(",")]
     except ValueError:
         raise ValueError(f"--input-shape: expected e.g. 1,28,28, got {input_shape!r}") from None
-    environment: dict[str, Any] = {}  # TEACHER_* variables, as the server reads them
-    prefixes = (*Settings(**environment).allowed_architectures, *allow_architecture_prefixes)
+    prefixes = (*server_prefixes, *allow_architecture_prefixes)
     cls = import_architecture(architecture, prefixes)
     try:
         module = cls(tasks={t: len(c) for t, c in task_classes.items()}, **kwargs)

@@ -9,7 +9,7 @@
         2/config.json, 2/model.safetensors    <- the default version: the last label in order
       mnist-ensemble/config.json       an ensemble: members named in the config, no weights
 
-`config.json` is described in `teacher_server.model_config`. Weights are loaded with safetensors
+`config.json` is described in `teacher_server.repository.model_config`. Weights are loaded with safetensors
 only: nothing is unpickled, and an architecture is imported only if its module path starts with
 one of the operator's allowed prefixes (`Settings.allowed_architectures`). Requests never name
 files or import paths.
@@ -33,7 +33,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from teacher_server.model_config import ModelConfig, ModelLoadError, TaskConfig, parse_config
+from teacher_server.repository.model_config import (
+    ModelConfig,
+    ModelLoadError,
+    TaskConfig,
+    parse_config,
+)
 
 __all__ = ["LoadedModel", "ModelConfig", "ModelLoadError", "TaskConfig", "VersionFolder"]
 

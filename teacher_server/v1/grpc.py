@@ -1,7 +1,7 @@
-"""The gRPC front door: `distill.v1.TeacherService` on `grpc.aio`.
+"""The gRPC door of our own protocol: `distill.v1.TeacherService` on `grpc.aio`.
 
-Each handler decodes, calls the core, encodes. A `TeacherError` becomes its gRPC status with the
-message, plus trailing metadata `error-code` and `error-field`. On the stream, an error in one
+Each handler decodes (`teacher_server.v1.convert`), calls the core, encodes. A `TeacherError` it
+raises becomes its gRPC status in `teacher_server.grpc_errors`. On the stream, an error in one
 batch is sent as that batch's `error` and the stream goes on.
 """
 
@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Internal, InvalidArgument, TeacherError
+from protocol.errors import Internal, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from teacher_server import wire
-from teacher_server.core import TeacherCore
+from teacher_server.serving.core import TeacherCore
+from teacher_server.v1 import convert
 
 log = logging.getLogger(__name__)
 
@@ -30,65 +28,9 @@ def _stream_error(batch_id: str, error: TeacherError) -> pb.StreamSoftTargetsRes
     )
 
 
-async def _abort(context: grpc.aio.ServicerContext, error: TeacherError) -> None:
-    context.set_trailing_metadata(((GRPC_CODE_KEY, error.code), (GRPC_FIELD_KEY, error.field)))
-    await context.abort(error.grpc_status, error.message)
-
-
-class _Undecodable:
-    """Stands in for a request whose bytes did not parse, so the handler can answer with
-    INVALID_ARGUMENT naming `body` instead of grpc's bare UNKNOWN."""
-
-    def __init__(self, error: InvalidArgument) -> None:
-        self.error = error
-
-
-def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
-    name = descriptor.full_name if descriptor is not None else "request message"
-
-    def decode(raw: bytes) -> Any:
-        try:
-            return deserialize(raw)
-        except DecodeError as error:
-            return _Undecodable(InvalidArgument(f"body: not a {name} ({error})", "body"))
-
-    return decode
-
-
-class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Unparseable unary requests get INVALID_ARGUMENT (field `body`) with the error metadata,
-    like every other bad input. (A stream's messages are parsed by grpc before any handler runs;
-    a corrupt one still ends that stream.)"""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if (
-            handler is None
-            or handler.request_streaming
-            or handler.response_streaming
-            or handler.request_deserializer is None
-        ):
-            return handler
-        inner = handler.unary_unary
-
-        async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if isinstance(request, _Undecodable):
-                await _abort(context, request.error)
-            return await inner(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            behaviour,  # type: ignore[arg-type]
-            request_deserializer=_tolerant(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )
-
-
 class TeacherServicer(pb_grpc.TeacherServiceServicer):
+    """`distill.v1.TeacherService` over `core`; `max_elements` bounds a decoded tensor."""
+
     def __init__(self, core: TeacherCore, max_elements: int, stream_max_in_flight: int) -> None:
         self._core = core
         self._max_elements = max_elements
@@ -98,31 +40,21 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(
-            models=[wire.summary_to_pb(m) for m in self._core.list_models()]
+            models=[convert.summary_to_pb(m) for m in self._core.list_models()]
         )
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
-        try:
-            return wire.model_info_to_pb(
-                self._core.model_info(request.model, request.model_version)
-            )
-        except TeacherError as error:
-            await _abort(context, error)
-            raise  # unreachable: abort raises
+        return convert.model_info_to_pb(self._core.model_info(request.model, request.model_version))
 
     async def ReloadModel(
         self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReloadModelResponse:
-        try:
-            result = await self._core.reload(request.model)
-        except TeacherError as error:
-            await _abort(context, error)
-            raise
+        result = await self._core.reload(request.model)
         return pb.ReloadModelResponse(
             model=result.model,
-            versions=[wire.summary_to_pb(v) for v in result.versions],
+            versions=[convert.summary_to_pb(v) for v in result.versions],
             loaded=result.loaded,
             unloaded=result.unloaded,
         )
@@ -130,20 +62,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     async def _answer(
         self, request: pb.SoftTargetsRequest, timeout: float | None, transport: str
     ) -> pb.SoftTargetsResponse:
-        query = wire.request_from_pb(request, self._max_elements)
+        query = convert.request_from_pb(request, self._max_elements)
         result = await self._core.soft_targets(query, timeout, transport)
-        response = wire.response_to_pb(result)
+        response = convert.response_to_pb(result)
         self._core.metrics.record_bytes(transport, request.ByteSize(), response.ByteSize())
         return response
 
     async def GetSoftTargets(
         self, request: pb.SoftTargetsRequest, context: grpc.aio.ServicerContext
     ) -> pb.SoftTargetsResponse:
-        try:
-            return await self._answer(request, context.time_remaining(), "grpc")
-        except TeacherError as error:
-            await _abort(context, error)
-            raise
+        return await self._answer(request, context.time_remaining(), "grpc")
 
     async def StreamSoftTargets(
         self,

@@ -19,21 +19,28 @@ import time
 from dataclasses import dataclass, field
 
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
-from teacher_server.batcher import DynamicBatcher
-from teacher_server.default_teacher import ensure_default_teacher
-from teacher_server.engine import Engine, accepted_input_dtypes
-from teacher_server.metrics import Metrics
-from teacher_server.model_config import ModelLoadError
-from teacher_server.repository import (
+from teacher_server.repository.default_teacher import ensure_default_teacher
+from teacher_server.repository.model_config import ModelLoadError
+from teacher_server.repository.store import (
     LoadedModel,
     VersionFolder,
     load_version,
     read_config,
     scan_repository,
 )
-from teacher_server.schema import ModelInfo, SoftTargets, SoftTargetsRequest, TaskInfo
+from teacher_server.serving.batcher import DynamicBatcher
+from teacher_server.serving.engine import Engine, accepted_input_dtypes
+from teacher_server.serving.metrics import Metrics
+from teacher_server.serving.schema import (
+    ModelInfo,
+    ReloadResult,
+    SoftTargets,
+    SoftTargetsRequest,
+    TaskInfo,
+    VersionSummary,
+)
+from teacher_server.serving.validation import validate
 from teacher_server.settings import Settings
-from teacher_server.validation import validate
 
 log = logging.getLogger(__name__)
 
@@ -52,24 +59,6 @@ class ServedModel:
 
     versions: dict[str, ServedVersion] = field(default_factory=dict)
     default: str = ""
-
-
-@dataclass(frozen=True)
-class VersionSummary:
-    name: str
-    model_version: str
-    ready: bool
-    default_version: bool = False
-    error: str = ""
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class ReloadResult:
-    model: str
-    versions: tuple[VersionSummary, ...]
-    loaded: tuple[str, ...]
-    unloaded: tuple[str, ...]
 
 
 def parameter_count(loaded: LoadedModel) -> int:

@@ -1,0 +1,1 @@
+"""The model repository: model folders on disk, their configs, packaging, the default teacher."""

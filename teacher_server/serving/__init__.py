@@ -1,0 +1,1 @@
+"""The serving core both protocols call: validation, batching, the forward, metrics."""

@@ -1,0 +1,1 @@
+"""Our own protocol, `distill.v1`: its gRPC service, its HTTP routes and their conversions."""

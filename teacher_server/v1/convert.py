@@ -1,0 +1,228 @@
+"""Conversion between `distill.v1` messages (protobuf, and the HTTP JSON body) and the core's types.
+
+Protobuf serves the gRPC service and HTTP `application/x-protobuf`; the JSON body is the HTTP
+default. Decoding checks what the wire needs; the core validates the rest, once for every door.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from protocol import codec
+from protocol.errors import InvalidArgument
+from protocol.v1 import teacher_pb2 as pb
+from teacher_server.serving.schema import ModelInfo, SoftTargets, SoftTargetsRequest, VersionSummary
+
+_KIND_FROM_PB = {
+    pb.OUTPUT_KIND_UNSPECIFIED: "probs",
+    pb.PROBS: "probs",
+    pb.LOG_PROBS: "log_probs",
+    pb.LOGITS: "logits",
+}
+_KIND_TO_PB = {"probs": pb.PROBS, "log_probs": pb.LOG_PROBS, "logits": pb.LOGITS}
+_OUTPUT_DTYPE_FROM_PB = {pb.DATA_TYPE_UNSPECIFIED: "float32"} | {
+    value: codec.DTYPE_NAMES[value] for value in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
+}
+
+
+def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTargetsRequest:
+    """Decode the wire request; the core validates the rest."""
+    if message.output not in _KIND_FROM_PB:
+        raise InvalidArgument(f"output: unknown output kind {message.output}", "output")
+    if message.output_dtype not in _OUTPUT_DTYPE_FROM_PB:
+        raise InvalidArgument(
+            f"output_dtype: {codec.dtype_name(message.output_dtype)} is not one of "
+            "FLOAT32, FLOAT16, BFLOAT16",
+            "output_dtype",
+        )
+    if not message.HasField("inputs"):
+        raise InvalidArgument("inputs: missing", "inputs")
+    codec.refuse_bfloat16_inputs(message.inputs.dtype, "inputs.dtype")
+    return SoftTargetsRequest(
+        model=message.model,
+        inputs=codec.decode(message.inputs, "inputs", max_elements),
+        tasks=tuple(message.tasks),
+        temperature=message.temperature if message.HasField("temperature") else 1.0,
+        output=_KIND_FROM_PB[message.output],
+        batch_id=message.batch_id,
+        model_version=message.model_version,
+        top_k=message.top_k,
+        output_dtype=_OUTPUT_DTYPE_FROM_PB[message.output_dtype],
+        hints=tuple(message.hints),
+    )
+
+
+def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
+    output_dtype = codec.DTYPES_BY_NAME[result.output_dtype]
+    outputs = []
+    for task in result.outputs:
+        output = pb.TaskOutput(
+            task=task.task,
+            kind=_KIND_TO_PB[task.kind],
+            values=codec.encode(task.values, output_dtype),
+        )
+        if task.indices is not None:
+            # The narrowest integer type that holds every class index: UINT8 up to 256 classes.
+            narrow = np.uint8 if task.classes <= 256 else np.int32
+            output.indices.CopyFrom(codec.encode(task.indices.astype(narrow)))
+        if task.tail_mass is not None:
+            output.tail_mass.CopyFrom(codec.encode(task.tail_mass))
+        outputs.append(output)
+    return pb.SoftTargetsResponse(
+        model=result.model,
+        model_version=result.model_version,
+        batch_id=result.batch_id,
+        temperature=result.temperature,
+        outputs=outputs,
+        hints=[pb.NamedTensor(name=n, tensor=codec.encode(v)) for n, v in result.hints.items()],
+    )
+
+
+def summary_to_pb(summary: VersionSummary) -> pb.ModelSummary:
+    return pb.ModelSummary(
+        name=summary.name,
+        model_version=summary.model_version,
+        ready=summary.ready,
+        default_version=summary.default_version,
+        error=summary.error,
+        label=summary.label,
+    )
+
+
+def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        model_version=info.model_version,
+        tasks=[
+            pb.TaskInfo(name=t.name, class_names=t.class_names, test_accuracy=t.test_accuracy)
+            for t in info.tasks
+        ],
+        input_shape=info.input_shape,
+        input_dtype=codec.DTYPES_BY_NAME[info.input_dtype],
+        accepted_input_dtypes=[codec.DTYPES_BY_NAME[d] for d in info.accepted_input_dtypes],
+        uint8_scale=info.uint8_scale,
+        hints=[pb.HintInfo(name=n, shape=s) for n, s in info.hints.items()],
+        max_batch_size=info.max_batch_size,
+        description=info.description,
+        parameter_count=info.parameter_count,
+    )
+
+
+# --- HTTP: the protobuf body and the JSON body ------------------------------------------------
+
+
+def request_from_protobuf(model: str, raw: bytes, max_elements: int) -> SoftTargetsRequest:
+    """Decode an HTTP `application/x-protobuf` body for the model its path names."""
+    try:
+        message = pb.SoftTargetsRequest.FromString(raw)
+    except DecodeError as error:
+        raise InvalidArgument(
+            f"body: not a distill.v1.SoftTargetsRequest ({error})", "body"
+        ) from None
+    if message.model and message.model != model:
+        raise InvalidArgument(
+            f"model: the body names {message.model!r} but the path names {model!r}", "model"
+        )
+    message.model = model
+    return request_from_pb(message, max_elements)
+
+
+class SoftTargetsBody(BaseModel):
+    """JSON body of `POST /v1/models/{model}/soft-targets`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: list[Any] = Field(
+        description="the batch as nested lists, shape [N, *input_shape]; or flat, with `shape`"
+    )
+    shape: list[int] | None = Field(None, description="reshape a flat `inputs` list to this shape")
+    dtype: str = Field(
+        "float32", description="element type of `inputs`: float32, float16, uint8, int64"
+    )
+    tasks: list[str] = Field(default_factory=list, description="tasks to return; empty: all")
+    temperature: float = Field(1.0, strict=True, description="softmax temperature T > 0")
+    output: str = Field("probs", description="probs, log_probs or logits")
+    batch_id: str = Field("", description="echoed in the response")
+    model_version: str = Field("", description="if set, fail unless the served version equals it")
+    top_k: int = Field(0, ge=0, description="0: dense; k: the k largest classes per row")
+    output_dtype: str = Field("float32", description="float32, float16 or bfloat16 rounding")
+    hints: list[str] = Field(default_factory=list, description="intermediate features to return")
+
+
+def invalid_argument(errors: list[Any]) -> InvalidArgument:
+    """The first pydantic error as an `InvalidArgument` naming the field."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    if first.get("type") == "json_invalid":
+        field = "body"
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    if "input" in first and first.get("type") != "json_invalid":
+        message += f", got {str(first['input'])[:80]!r}"
+    return InvalidArgument(message, field)
+
+
+def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
+    codec.refuse_bfloat16_inputs(codec.parse_dtype_name(body.dtype, "dtype"), "dtype")
+    try:
+        # Parsed as float64 first: JSON numbers are doubles; the cast below must not change one.
+        parsed = np.asarray(body.inputs, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise InvalidArgument(
+            f"inputs: not a rectangular array of numbers ({error})", "inputs"
+        ) from None
+    dtype = np.dtype(body.dtype)
+    codec.check_json_cast(parsed, dtype, "inputs", body.dtype)
+    array = parsed.astype(dtype)
+    if body.shape is not None:
+        count = codec.element_count(body.shape, "inputs", codec.DEFAULT_MAX_ELEMENTS)
+        if array.size != count:
+            raise InvalidArgument(
+                f"shape: {body.shape} needs {count} values, inputs has {array.size}", "shape"
+            )
+        array = array.reshape(body.shape)
+    return array
+
+
+def request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
+    """Decode an HTTP JSON body (`SoftTargetsBody`) for the model its path names."""
+    try:
+        body = SoftTargetsBody.model_validate_json(raw)
+    except ValidationError as error:
+        raise invalid_argument(error.errors()) from None
+    return SoftTargetsRequest(
+        model=model,
+        inputs=_inputs_array(body),
+        tasks=tuple(body.tasks),
+        temperature=body.temperature,
+        output=body.output,
+        batch_id=body.batch_id,
+        model_version=body.model_version,
+        top_k=body.top_k,
+        output_dtype=body.output_dtype,
+        hints=tuple(body.hints),
+    )
+
+
+def soft_targets_json(result: SoftTargets) -> dict[str, Any]:
+    """The JSON answer: per task `kind`, `values` (and `indices`, `tail_mass` for top-k)."""
+    outputs: dict[str, Any] = {}
+    for task in result.outputs:
+        entry: dict[str, Any] = {"kind": task.kind, "values": task.values.tolist()}
+        if task.indices is not None:
+            entry["indices"] = task.indices.tolist()
+        if task.tail_mass is not None:
+            entry["tail_mass"] = task.tail_mass.tolist()
+        outputs[task.task] = entry
+    return {
+        "model": result.model,
+        "model_version": result.model_version,
+        "batch_id": result.batch_id,
+        "temperature": result.temperature,
+        "outputs": outputs,
+        "hints": {name: value.tolist() for name, value in result.hints.items()},
+    }

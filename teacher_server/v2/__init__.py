@@ -1,0 +1,1 @@
+"""The Open Inference Protocol (KServe v2 / Triton): its gRPC service, HTTP routes and conversions."""
