@@ -47,13 +47,13 @@ from bench.common import (
     teacher_process,
     write_json,
 )
-from student_client.cache import SoftTargetCache
-from student_client.client import TeacherClient
-from student_client.datasets import MultiTaskSplit, mnist_multitask
-from student_client.loader import SoftTargetLoader
-from student_client.losses import MultiTaskKDLoss
-from student_client.models import StudentMLP
-from student_client.trainer import LossFn, distillation_loss, hard_label_loss
+from student_client.offline.cache import SoftTargetCache
+from student_client.online.client import TeacherClient
+from student_client.online.loader import SoftTargetLoader
+from student_client.training.datasets import MultiTaskSplit, mnist_multitask
+from student_client.training.losses import MultiTaskKDLoss
+from student_client.training.models import StudentMLP
+from student_client.training.trainer import LossFn, distillation_loss, hard_label_loss
 from student_client.types import SoftTargets, TargetOptions, TaskTargets
 
 HIDDEN = (512,)

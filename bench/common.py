@@ -23,7 +23,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from protocol.errors import TeacherError
-from student_client.client import TeacherClient
+from student_client.online.client import TeacherClient
 from student_client.teacher_process import TeacherProcess
 from student_client.types import Event, TargetOptions
 

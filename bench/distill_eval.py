@@ -75,11 +75,12 @@ from bench.common import (
 )
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import TeacherClient
-from student_client.datasets import mnist_multitask
-from student_client.losses import HintLoss, HintonKDLoss, MultiTaskKDLoss, TopKKDLoss
-from student_client.messages import request_to_pb, soft_targets_from_pb
-from student_client.models import StudentMLP, parameter_count
+from student_client.online.client import TeacherClient
+from student_client.online.messages import request_to_pb, soft_targets_from_pb
+from student_client.training.datasets import mnist_multitask
+from student_client.training.feature_losses import HintLoss
+from student_client.training.losses import HintonKDLoss, MultiTaskKDLoss, TopKKDLoss
+from student_client.training.models import StudentMLP, parameter_count
 from student_client.types import SoftTargets, TargetOptions
 
 TEMPERATURES = (1.0, 2.0, 4.0, 8.0, 20.0)

@@ -66,10 +66,10 @@ from bench.common import (
     write_json,
 )
 from protocol.errors import FailedPrecondition, InvalidArgument, TeacherError
-from student_client.client import TeacherClient
-from student_client.datasets import mnist_multitask
-from student_client.loader import SoftTargetLoader
-from student_client.retry import NO_RETRY
+from student_client.online.client import TeacherClient
+from student_client.online.loader import SoftTargetLoader
+from student_client.online.retry import NO_RETRY
+from student_client.training.datasets import mnist_multitask
 from student_client.types import SoftTargets, TargetOptions
 
 TARGET_RATIO = 1.10

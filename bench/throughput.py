@@ -64,10 +64,10 @@ from bench.common import (
     write_json,
 )
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.client import TeacherClient
-from student_client.datasets import mnist_multitask
-from student_client.messages import request_to_pb
+from student_client.online.client import TeacherClient
+from student_client.online.messages import request_to_pb
 from student_client.teacher_process import TeacherProcess
+from student_client.training.datasets import mnist_multitask
 from student_client.types import TargetOptions
 from teacher_server.repository.store import load_model
 from teacher_server.serving.engine import Engine

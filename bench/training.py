@@ -47,12 +47,12 @@ from bench.common import (
     teacher_process,
     write_json,
 )
-from student_client.client import TeacherClient
-from student_client.datasets import MultiTaskSplit, mnist_multitask, shuffled_batches
-from student_client.loader import SoftTargetLoader
-from student_client.losses import MultiTaskKDLoss
-from student_client.models import StudentMLP
-from student_client.trainer import Batch, distillation_loss, fit, hard_label_loss
+from student_client.online.client import TeacherClient
+from student_client.online.loader import SoftTargetLoader
+from student_client.training.datasets import MultiTaskSplit, mnist_multitask, shuffled_batches
+from student_client.training.losses import MultiTaskKDLoss
+from student_client.training.models import StudentMLP
+from student_client.training.trainer import Batch, distillation_loss, fit, hard_label_loss
 from student_client.types import SoftTargets, TargetOptions
 from teacher_server.repository.store import load_model
 from teacher_server.serving.engine import Engine

@@ -20,11 +20,12 @@ import torch
 from torch import nn
 
 from student_client import SoftTargetLoader, TargetOptions, TeacherClient
-from student_client.datasets import mnist_multitask, shuffled_batches
-from student_client.losses import HintLoss, MultiTaskKDLoss
-from student_client.models import StudentMLP
 from student_client.teacher_process import TeacherProcess
-from student_client.trainer import evaluate, fit
+from student_client.training.datasets import mnist_multitask, shuffled_batches
+from student_client.training.feature_losses import HintLoss
+from student_client.training.losses import MultiTaskKDLoss
+from student_client.training.models import StudentMLP
+from student_client.training.trainer import evaluate, fit
 
 
 class StudentWithHint(nn.Module):

@@ -10,9 +10,9 @@ from typing import Literal
 
 import numpy as np
 
-from student_client.client import TeacherClient
-from student_client.datasets import mnist_multitask
-from student_client.demo import DemoSettings, run_demo
+from student_client.online.client import TeacherClient
+from student_client.training.datasets import mnist_multitask
+from student_client.training.demo import DemoSettings, run_demo
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -147,14 +147,14 @@ def _soft_targets(args: argparse.Namespace) -> None:
 
 
 def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from student_client.export import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
+    from student_client.online.exporter import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE
 
     export = commands.add_parser(
         "export",
         help="stream a whole dataset through the teacher and write its soft targets to disk",
         description="Writes safetensors shards and manifest.json into --out; run again with the "
         "same arguments to resume an interrupted export (complete shards are kept). Train from "
-        "it with student_client.offline.OfflineSoftTargetLoader, no teacher needed.",
+        "it with student_client.offline.reader.OfflineSoftTargetLoader, no teacher needed.",
     )
     _connection_arguments(export)
     source = export.add_mutually_exclusive_group(required=True)
@@ -183,7 +183,7 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _export(args: argparse.Namespace) -> None:
-    from student_client.export import export_soft_targets
+    from student_client.online.exporter import export_soft_targets
     from student_client.types import TargetOptions
 
     if args.npy is not None:

@@ -8,11 +8,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from protocol.errors import TeacherError
+if TYPE_CHECKING:  # only named in `Event`; importing it at run time would pull in grpc
+    from protocol.errors import TeacherError
+
+
+def as_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
+    """A C-contiguous numpy array of the batch (torch tensors are moved to the CPU first)."""
+    if isinstance(inputs, torch.Tensor):
+        inputs = inputs.detach().cpu().numpy()
+    return np.ascontiguousarray(inputs)
 
 
 @dataclass(frozen=True)

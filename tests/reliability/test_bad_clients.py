@@ -29,7 +29,7 @@ from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, ResourceExhausted
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from student_client import SoftTargetLoader, TeacherClient
-from student_client.retry import is_retryable
+from student_client.online.retry import is_retryable
 from tests.reliability.conftest import (
     MODEL,
     Deadline,

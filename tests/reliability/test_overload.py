@@ -30,8 +30,8 @@ from protocol import codec
 from protocol.errors import ResourceExhausted, TeacherError
 from protocol.v1 import teacher_pb2 as pb
 from student_client import SoftTargetLoader, TargetOptions, TeacherClient
-from student_client.messages import soft_targets_from_pb
-from student_client.retry import NO_RETRY, RetryPolicy
+from student_client.online.messages import soft_targets_from_pb
+from student_client.online.retry import NO_RETRY, RetryPolicy
 from student_client.types import SoftTargets
 from tests.reliability.conftest import (
     MODEL,

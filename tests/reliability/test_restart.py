@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from student_client import SoftTargetLoader, TargetOptions, TeacherClient
-from student_client.retry import RetryPolicy
+from student_client.online.retry import RetryPolicy
 from student_client.types import SoftTargets
 from tests.reliability.conftest import Launcher, Teacher, assert_same_targets, free_port
 

@@ -36,7 +36,7 @@ from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY, Unauthenticated, Unav
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from student_client import SoftTargetLoader, TargetOptions, TeacherClient
-from student_client.retry import NO_RETRY
+from student_client.online.retry import NO_RETRY
 from tests.reliability.conftest import (
     MODEL,
     Launcher,

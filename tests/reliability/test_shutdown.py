@@ -30,7 +30,7 @@ from protocol import codec
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from student_client import TeacherClient
-from student_client.messages import soft_targets_from_pb
+from student_client.online.messages import soft_targets_from_pb
 from student_client.types import SoftTargets, TargetOptions
 from tests.reliability.conftest import (
     MODEL,

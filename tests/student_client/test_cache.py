@@ -15,7 +15,9 @@ import torch
 from prometheus_client.parser import text_string_to_metric_families
 
 from student_client import SoftTargetLoader, SoftTargets, TargetOptions, TaskTargets, TeacherClient
-from student_client.cache import CacheError, CacheScope, SoftTargetCache, sample_digests
+from student_client.digests import sample_digests
+from student_client.offline.cache import SoftTargetCache
+from student_client.offline.scope import CacheError, CacheScope
 from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
 from teacher_server.repository.store import load_model, save_model
 

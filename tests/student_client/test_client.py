@@ -10,7 +10,7 @@ import torch
 
 from protocol.errors import InvalidArgument, NotFound, Unavailable
 from student_client import TeacherClient
-from student_client.retry import RetryPolicy
+from student_client.online.retry import RetryPolicy
 
 TRANSPORTS = ["grpc", "http", "http-json"]
 

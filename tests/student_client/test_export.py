@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 
 from student_client import SoftTargetLoader, TargetOptions, TeacherClient
-from student_client.cache import SoftTargetCache
 from student_client.cli import main as cli_main
-from student_client.export import (
-    CorruptShardError,
-    ExportError,
-    dataset_fingerprint,
-    export_soft_targets,
-    file_sha256,
+from student_client.digests import dataset_fingerprint
+from student_client.offline.cache import SoftTargetCache
+from student_client.offline.export_format import CorruptShardError, ExportError, file_sha256
+from student_client.offline.reader import (
+    MissingSampleError,
+    OfflineSoftTargetLoader,
+    OfflineSoftTargets,
 )
-from student_client.offline import MissingSampleError, OfflineSoftTargetLoader, OfflineSoftTargets
+from student_client.online.exporter import export_soft_targets
 
 
 def _by_sample(loader, n: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]

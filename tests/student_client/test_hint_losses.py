@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_client.losses import AttentionTransferLoss, HintLoss, attention_map
+from student_client.training.feature_losses import AttentionTransferLoss, HintLoss, attention_map
 
 # --- HintLoss: vectors ----------------------------------------------------------------------------
 

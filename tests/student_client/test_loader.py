@@ -77,7 +77,7 @@ def test_loader_rejects_bad_depth(teacher) -> None:  # type: ignore[no-untyped-d
 
 
 def test_student_split_is_the_teachers_split() -> None:
-    from student_client.datasets import mnist_multitask
+    from student_client.training.datasets import mnist_multitask
     from teacher_server.repository.default_teacher import mnist_split, task_labels
 
     train_x, _, test_x, test_y = mnist_split()
@@ -124,7 +124,7 @@ def test_cached_pass_raises_a_source_error_in_place_and_stops_its_thread(
     loop after the batches before it, and leaving a pass early stops that thread."""
     import threading
 
-    from student_client.cache import SoftTargetCache
+    from student_client.offline.cache import SoftTargetCache
 
     images = mnist_test_images[0][:64]
     batches = _batches(images, [16, 16, 16, 16])

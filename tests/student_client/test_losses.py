@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_client.losses import HintonKDLoss, MultiTaskKDLoss, TopKKDLoss
+from student_client.training.losses import HintonKDLoss, MultiTaskKDLoss, TopKKDLoss
 
 
 def _np_softmax(x: np.ndarray) -> np.ndarray:

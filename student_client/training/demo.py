@@ -20,13 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from student_client.client import TeacherClient
-from student_client.datasets import MultiTaskSplit, mnist_multitask, shuffled_batches
-from student_client.loader import SoftTargetLoader
-from student_client.losses import MultiTaskKDLoss
-from student_client.models import StudentMLP, parameter_count
+from student_client.online.client import TeacherClient
+from student_client.online.loader import SoftTargetLoader
 from student_client.teacher_process import TeacherProcess
-from student_client.trainer import EpochRecord, distillation_loss, evaluate, fit, hard_label_loss
+from student_client.training.datasets import MultiTaskSplit, mnist_multitask, shuffled_batches
+from student_client.training.losses import MultiTaskKDLoss
+from student_client.training.models import StudentMLP, parameter_count
+from student_client.training.trainer import (
+    EpochRecord,
+    distillation_loss,
+    evaluate,
+    fit,
+    hard_label_loss,
+)
 from student_client.types import TargetOptions
 
 

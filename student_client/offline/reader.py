@@ -1,6 +1,6 @@
-"""Train from an offline export (`student_client.export`) with no teacher running.
+"""Reading an offline export: train from it (`OfflineSoftTargetLoader`) with no teacher running.
 
-    from student_client.offline import OfflineSoftTargetLoader
+    from student_client.offline.reader import OfflineSoftTargetLoader
 
     for inputs, labels, targets in OfflineSoftTargetLoader(batches, "runs/mnist-T4"):
         loss = kd(student(inputs), {t: targets.tensor(t) for t in tasks}, labels)
@@ -35,10 +35,9 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load as load_safetensors
 
-from student_client.cache import sample_digests
-from student_client.client import as_numpy
-from student_client.export import CorruptShardError, ExportError, read_manifest
-from student_client.types import SoftTargets, TaskTargets
+from student_client.digests import sample_digests
+from student_client.offline.export_format import CorruptShardError, ExportError, read_manifest
+from student_client.types import SoftTargets, TaskTargets, as_numpy
 
 
 class MissingSampleError(LookupError):
@@ -114,6 +113,10 @@ class OfflineSoftTargets:
         ):
             raise CorruptShardError(f"{path}: sample_index does not match the manifest")
         return tensors
+
+    @property
+    def output_dtype(self) -> str:
+        return str(self.manifest["settings"]["output_dtype"])
 
     def __len__(self) -> int:
         return len(self.sample_index)

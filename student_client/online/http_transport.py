@@ -19,7 +19,7 @@ import numpy as np
 
 from protocol.errors import TeacherError, Unavailable, error_from_code
 from protocol.v1 import teacher_pb2 as pb
-from student_client.messages import request_to_pb, soft_targets_from_pb
+from student_client.online.messages import request_to_pb, soft_targets_from_pb
 from student_client.types import (
     Event,
     ModelInfo,

@@ -1,26 +1,12 @@
-"""Offline export: a whole dataset's soft targets, fetched once and written to disk.
+"""Writing an offline export: a whole dataset's soft targets, fetched once from the teacher.
 
     student-client export --teacher 127.0.0.1:50051 --dataset mnist --out runs/mnist-T4 \\
         --temperature 4
 
 or from Python, `export_soft_targets(client, inputs, out, options)`. The dataset is streamed
 through the teacher with `SoftTargetLoader` (order kept, each batch once, retries) and written as
-shards: `shard-00000.safetensors`, ... (one per `shard_size` samples, in dataset order) plus
-`manifest.json`. Read it back with `student_client.offline` (no teacher needed).
-
-A shard holds, for its samples `start..stop-1`:
-
-    sample_index        (n,) int64       dataset positions
-    input_sha256        (n, 32) uint8    sha256 of each input as sent (dtype, shape, bytes)
-    <task>.values       (n, classes | k) as the teacher sent them (float32 / float16)
-    <task>.indices      (n, k) int64     top-k exports only
-    <task>.tail_mass    (n,) float32     top-k exports of probs / log_probs only
-
-and safetensors metadata (format, model version, shard number, start, stop). The manifest lists
-the teacher (model, version, tasks with class names), the settings, the dataset (name, sample
-count, input shape and dtype, fingerprint = sha256 over all input bytes), the shards with the
-sha256 of each file, the created / updated times, whether the export is complete, and notes on
-what the values allow (see `notes_for`).
+shards plus `manifest.json` (the layout: `student_client.offline.export_format`). Read it back
+with `student_client.offline.reader` (no teacher needed).
 
 Resume: an interrupted export, run again with the same arguments, keeps every shard that the
 manifest lists with a matching sha256 and writes only the others, so no sample is written twice.
@@ -31,7 +17,6 @@ rewritten the same way after each shard. A resumed export must see the same data
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -47,91 +32,26 @@ import numpy as np
 from safetensors.numpy import save as save_safetensors
 
 from protocol.errors import FailedPrecondition, NotFound
-from student_client.cache import sample_digests
-from student_client.client import TeacherClient
-from student_client.loader import SoftTargetLoader
+from student_client.digests import dataset_fingerprint, sample_digests
+from student_client.offline.export_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    ExportError,
+    ShardInfo,
+    file_sha256,
+    notes_for,
+    read_manifest,
+    shard_name,
+    write_atomic,
+)
+from student_client.online.client import TeacherClient
+from student_client.online.loader import SoftTargetLoader
 from student_client.types import SoftTargets, TargetOptions
 
-FORMAT = "distill-soft-targets"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 LOCK_FILE = ".export.lock"
 DEFAULT_SHARD_SIZE = 4096
 DEFAULT_BATCH_SIZE = 256
-
-
-class ExportError(RuntimeError):
-    """An export cannot be written or read as asked; the message says why and names the file."""
-
-
-class CorruptShardError(ExportError):
-    """A shard file does not match its manifest entry (sha256) or cannot be read."""
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.safetensors"
-
-
-def dataset_fingerprint(inputs: np.ndarray) -> str:
-    """`sha256:<hex>` over the inputs' dtype, shape and bytes (C order, little-endian)."""
-    array = np.ascontiguousarray(inputs)
-    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not np.little_endian):
-        array = array.astype(array.dtype.newbyteorder("<"))
-    digest = hashlib.sha256(
-        f"{array.dtype.newbyteorder('<').str}|{','.join(map(str, array.shape))}|".encode()
-    )
-    if array.size:
-        digest.update(array.data)
-    return "sha256:" + digest.hexdigest()
-
-
-def notes_for(output: str, temperature: float, top_k: int) -> list[str]:
-    """What the exported values allow, written into the manifest."""
-    notes = [
-        "rows are dataset samples in order: shard i holds samples start..stop-1; input_sha256 is "
-        "the sha256 of each input as sent (dtype, per-sample shape, bytes)"
-    ]
-    if top_k:
-        notes.append(
-            f"top-{top_k} export: only the exported temperature T={temperature:g} is exact; the "
-            "classes outside the top k are summed into tail_mass (probs / log_probs) or dropped "
-            "(logits), so no other temperature can be recovered"
-        )
-    elif output == "logits":
-        notes.append(
-            f"logits at T={temperature:g} (logits / T): any temperature T' can be applied on the "
-            f"student side as softmax(values * {temperature:g} / T') (OfflineSoftTargets("
-            "temperature=T')); exact for T=1 exports of a single model; for an ensemble teacher "
-            "the values are the members' mean logits, whose softmax differs from the ensemble's "
-            "averaged probabilities"
-        )
-    else:
-        notes.append(
-            f"{output} at T={temperature:g}: only this temperature is available (export "
-            "--output logits --temperature 1 to apply any temperature later)"
-        )
-    return notes
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    index: int
-    file: str
-    start: int
-    stop: int
-    sha256: str
-    bytes: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "file": self.file,
-            "start": self.start,
-            "stop": self.stop,
-            "samples": self.stop - self.start,
-            "sha256": self.sha256,
-            "bytes": self.bytes,
-        }
 
 
 @dataclass
@@ -145,55 +65,6 @@ class ExportResult:
 
 def _utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, flush it to disk, rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ExportError(f"{path}: no manifest; is {folder} an export?") from None
-    except (OSError, ValueError) as error:
-        raise ExportError(f"{path}: unreadable manifest: {error}") from error
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ExportError(f"{path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ExportError(
-            f"{path}: format version {manifest.get('format_version')}, this client reads "
-            f"{FORMAT_VERSION}"
-        )
-    return manifest
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _settings(options: TargetOptions, tasks: tuple[str, ...], shard_size: int) -> dict[str, Any]:

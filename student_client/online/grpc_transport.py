@@ -26,7 +26,7 @@ from protocol.errors import (
 )
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.messages import model_info_from_pb, request_to_pb, soft_targets_from_pb
+from student_client.online.messages import model_info_from_pb, request_to_pb, soft_targets_from_pb
 from student_client.types import Event, ModelInfo, ModelSummary, SoftTargets, TargetOptions
 
 T = TypeVar("T")

@@ -25,10 +25,17 @@ import numpy as np
 import torch
 
 from protocol.errors import Unavailable
-from student_client.grpc_transport import GrpcTransport
-from student_client.http_transport import HttpTransport
-from student_client.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
-from student_client.types import Event, ModelInfo, ModelSummary, SoftTargets, TargetOptions
+from student_client.online.grpc_transport import GrpcTransport
+from student_client.online.http_transport import HttpTransport
+from student_client.online.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
+from student_client.types import (
+    Event,
+    ModelInfo,
+    ModelSummary,
+    SoftTargets,
+    TargetOptions,
+    as_numpy,
+)
 
 
 class Stream(Protocol):
@@ -60,13 +67,6 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def as_numpy(inputs: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A C-contiguous numpy array of the batch (torch tensors are moved to the CPU first)."""
-    if isinstance(inputs, torch.Tensor):
-        inputs = inputs.detach().cpu().numpy()
-    return np.ascontiguousarray(inputs)
-
-
 class TeacherClient:
     """A connection to a teacher (or several replicas of it). Thread-safe for unary calls.
 
@@ -75,7 +75,7 @@ class TeacherClient:
     `http(s)://host:port` (`transport="http"` sends protobuf bodies, `"http-json"` JSON).
     `token`: bearer token if the teacher requires one. `tls_ca_file`: PEM file of the CA that
     signed the teacher's certificate (turns TLS on). `retry`: how unary calls and the loader retry
-    what is safe to retry (see `student_client.retry`).
+    what is safe to retry (see `student_client.online.retry`).
     """
 
     def __init__(

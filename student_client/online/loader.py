@@ -23,7 +23,7 @@ With `pin_version=True` (the default) the first answer's model version is pinned
 the pass: a teacher that changes weights mid-epoch (a reload, a replica with other weights) makes
 the loader raise `FailedPrecondition` instead of mixing two teachers' soft targets.
 
-With `cache=SoftTargetCache(...)` (see `student_client.cache`) every sample of a batch is looked
+With `cache=SoftTargetCache(...)` (see `student_client.offline.cache`) every sample of a batch is looked
 up first: a batch found whole is answered locally (no request), otherwise only its missing
 samples are sent (one request with those rows) and the batch is assembled in its original row
 order; the teacher's rows are stored for the next pass. Each pass looks up one model version,
@@ -47,10 +47,12 @@ from typing import Any, cast
 import numpy as np
 
 from protocol.errors import FailedPrecondition, Internal, TeacherError
-from student_client.cache import CachedRows, CachePass, SoftTargetCache
-from student_client.client import Stream, TeacherClient, as_numpy
-from student_client.retry import RetryBudget, is_retryable
-from student_client.types import Event, SoftTargets, TargetOptions
+from student_client.offline.cache import SoftTargetCache
+from student_client.offline.scope import CachedRows
+from student_client.online.cache_pass import CachePass
+from student_client.online.client import Stream, TeacherClient
+from student_client.online.retry import RetryBudget, is_retryable
+from student_client.types import Event, SoftTargets, TargetOptions, as_numpy
 
 
 @dataclass

@@ -1,0 +1,75 @@
+"""What the soft-target cache keys its entries by and hands back: scopes, found rows, counters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from student_client.types import TargetOptions, TaskTargets
+
+
+class CacheError(RuntimeError):
+    """The cache file cannot be used (not a cache, another format, a damaged entry); the message
+    names the file."""
+
+
+@dataclass(frozen=True)
+class CacheScope:
+    """Everything but the sample that a cached value depends on: the teacher version and the
+    request's settings. `tasks` is the resolved task list (the loader asks the teacher for it when
+    the options leave it empty), in the order the teacher answers them."""
+
+    model: str
+    model_version: str
+    tasks: tuple[str, ...]
+    output: str = "probs"
+    temperature: float = 1.0
+    top_k: int = 0
+    output_dtype: str = "float32"
+
+    @classmethod
+    def from_options(
+        cls, options: TargetOptions, model_version: str, tasks: Sequence[str]
+    ) -> CacheScope:
+        if options.model is None:
+            raise ValueError("options.model: resolve the model name first")
+        return cls(
+            str(options.model),
+            model_version,
+            tuple(tasks),
+            options.output,
+            float(options.temperature),
+            int(options.top_k),
+            options.output_dtype,
+        )
+
+
+@dataclass
+class CacheStats:
+    """Counters of this `SoftTargetCache` object (this process): `hits`/`misses` count samples
+    looked up (a sample hits when every task of the scope is cached), `stored` and `evicted`
+    count entries (one per sample and task)."""
+
+    hits: int = 0
+    misses: int = 0
+    memory_hits: int = 0  # samples of `hits` found in the in-process layer
+    stored: int = 0
+    evicted: int = 0  # entries evicted from the file by the size bound
+
+
+@dataclass
+class CachedRows:
+    """What the cache holds for one batch: the samples found (`hit`, positions in the batch) with
+    their soft targets per task (`found`, rows in `hit` order), and the others (`missing`)."""
+
+    scope: CacheScope
+    digests: list[bytes]
+    hit: np.ndarray  # int64 positions, ascending
+    missing: list[int]  # positions of samples with any task not cached, ascending
+    found: dict[str, TaskTargets]  # empty when nothing was found
+
+    @property
+    def complete(self) -> bool:
+        return not self.missing
