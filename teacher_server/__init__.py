@@ -1,5 +1,8 @@
-"""The teacher server: hosts multi-task PyTorch models and serves their soft targets over gRPC and
-HTTP, in our own protocol and the v2 one, from one asyncio process (see docs/architecture.md)."""
+"""The teacher server: serves the soft targets of multi-task PyTorch models over gRPC and HTTP.
+
+Our own protocol (`v1/`) and the Open Inference Protocol (`v2/`) from one asyncio process, over one
+serving core (`serving/`) and one model repository (`repository/`); docs/architecture.md draws it.
+"""
 
 import os
 

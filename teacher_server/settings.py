@@ -1,5 +1,8 @@
-"""The teacher's one settings object: command-line flags over `TEACHER_*` environment variables
-over defaults that run with no configuration."""
+"""The teacher's one settings object, read by every floor; it imports nothing of the server.
+
+Command-line flags over `TEACHER_*` environment variables over defaults that run with no
+configuration.
+"""
 
 from __future__ import annotations
 

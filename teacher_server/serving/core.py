@@ -4,11 +4,12 @@ gRPC and HTTP handlers decode their message into a `SoftTargetsRequest`, call
 `TeacherCore.soft_targets`, and encode the `SoftTargets` they get back. Validation, batching and
 the forward happen here and below, once for every transport.
 
-Models and versions: each model name serves one or more versions (see `repository`), each with its
-own engine and batcher. A request without `model_version` gets the default (newest) version. A
-reload swaps in the new set of versions at once; versions no longer present are drained (every
-request already accepted finishes on the version it started with) and then unloaded. A model folder
-that fails to load is reported (ListModels, logs) and the other models keep serving.
+Models and versions: each model name serves one or more versions (see
+`teacher_server.repository.store`), each with its own engine and batcher. A request without
+`model_version` gets the default (newest) version. A reload swaps in the new set of versions at
+once; versions no longer present are drained (every request already accepted finishes on the
+version it started with) and then unloaded. A model folder that fails to load is reported
+(ListModels, logs) and the other models keep serving.
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The engine: one forward of the shared backbone per merged batch, then every requested head, then
-per-request temperature, softmax / log-softmax, top-k and output dtype.
+"""The engine: one forward per merged batch, then each request's soft targets from its rows.
+
+The shared backbone runs once, then every requested head, then per-request temperature, softmax /
+log-softmax, top-k and output dtype.
 
 An ensemble runs each member's forward on the same batch; its soft targets are the mean of the
 members' probabilities at the request's temperature (`probs`), the log of that mean (`log_probs`),

@@ -1,4 +1,4 @@
-"""The core's own request and result types, shared by every floor of the server.
+"""The core's request, result and model-info types: plain dataclasses both doors convert to and from.
 
 Transports convert their messages (protobuf, JSON) into these at the edge and back, once.
 Arrays are numpy; shapes are noted per field.
