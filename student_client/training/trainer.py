@@ -7,9 +7,11 @@ Two modes share one loop: hard labels (sum of per-task cross-entropies) and dist
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -97,7 +99,9 @@ def fit(
             desc=f"{description} epoch {epoch}/{epochs}",
             unit="batch",
             leave=False,
-            disable=not progress,
+            # In a log (not a terminal) every refresh would be written out: there, the line per
+            # epoch below is the progress.
+            disable=not progress or not _is_terminal(sys.stderr),
             dynamic_ncols=True,
         )
         for inputs, labels, targets in bar:
@@ -125,3 +129,7 @@ def fit(
                 + ", ".join(f"{task} {value:.4f}" for task, value in accuracy.items())
             )
     return history
+
+
+def _is_terminal(stream: IO[str] | None) -> bool:
+    return stream is not None and stream.isatty()

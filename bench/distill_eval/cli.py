@@ -1,0 +1,304 @@
+"""The command line: run the full evaluation or the quick CI run, and report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import (
+    DEFAULT_REPOSITORY,
+    REPO_ROOT,
+    ensure_repository,
+    machine_summary,
+    teacher_process,
+    write_json,
+)
+from bench.distill_eval.data import (
+    BATCH_SIZE,
+    DIGITS_PLAN,
+    LR,
+    MNIST_PLAN,
+    QUICK_ACCURACY_TOLERANCE,
+    QUICK_KD_RELATIVE_TOLERANCE,
+    QUICK_PLAN,
+    Dataset,
+    Plan,
+    build_digits_repository,
+    digits_dataset,
+    mnist_dataset,
+    say,
+    torch_threads,
+)
+from bench.distill_eval.experiments import evaluate_dataset
+from bench.distill_eval.report import (
+    check_kd_beats_hard,
+    check_top3,
+    markdown,
+    plot_bytes,
+    plot_temperature,
+    print_tables,
+    recommend,
+)
+from student_client.training.models import StudentMLP
+
+
+def measure_threads(data: Dataset, batches: int = 20) -> dict[str, float]:
+    """Seconds for `batches` training steps of the 512-unit MNIST student at 1 thread and at
+    torch's default (one per core)."""
+    x = torch.from_numpy(data.train_x[: batches * BATCH_SIZE])
+    labels = {t: torch.from_numpy(v[: batches * BATCH_SIZE]) for t, v in data.train_y.items()}
+    out = {}
+    default = torch.get_num_threads()
+    for threads in sorted({1, default}):
+        with torch_threads(threads):
+            torch.manual_seed(0)
+            student = StudentMLP(data.input_shape, data.tasks, (512,))
+            optimizer = torch.optim.Adam(student.parameters(), lr=LR)
+            started = time.perf_counter()
+            for start in range(0, len(x), BATCH_SIZE):
+                logits = student(x[start : start + BATCH_SIZE])
+                loss = torch.stack(
+                    [
+                        F.cross_entropy(v, labels[t][start : start + BATCH_SIZE])
+                        for t, v in logits.items()
+                    ]
+                ).sum()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            out[f"{threads}_threads_s"] = round(time.perf_counter() - started, 3)
+    return out
+
+
+def serve_args(extra: Sequence[str] = ()) -> list[str]:
+    return ["--torch-threads", "1", "--device", "cpu", *extra]
+
+
+def run_dataset(
+    plan: Plan, data: Dataset, repository: Path, seeds: Sequence[int], extra: Sequence[str] = ()
+) -> dict[str, Any]:
+    with teacher_process(repository, serve_args(extra)) as teacher, torch_threads(1):
+        say(f"[{data.name}] teacher up at {teacher.grpc_address}")
+        result = evaluate_dataset(plan, data, teacher.grpc_address, seeds)
+    result["recommended"] = recommend(result)
+    result["check_kd_beats_hard"] = check_kd_beats_hard(result)
+    if "top3-f16" in result["experiments"]["compression"]["settings"]:
+        result["check_top3"] = check_top3(result)
+    print_tables(result)
+    describe_checks(data.name, result)
+    return result
+
+
+def run_full(
+    repository: Path, seeds: Sequence[int], datasets: Sequence[str], checkpoint: Path | None = None
+) -> dict[str, Any]:
+    """Every experiment on each dataset; the JSON so far is written to `checkpoint` after each."""
+    out: dict[str, Any] = {"mode": "full", "seeds": list(seeds), "datasets": {}}
+    if "mnist" in datasets:
+        data = mnist_dataset()
+        out["threads"] = measure_threads(data)
+        say(f"training-step time, 20 steps of the 512-unit student: {out['threads']}")
+        out["datasets"]["mnist"] = run_dataset(
+            MNIST_PLAN, data, ensure_repository(repository), seeds
+        )
+        if checkpoint:
+            write_json(checkpoint, out)
+    if "digits" in datasets:
+        data = digits_dataset()
+        with tempfile.TemporaryDirectory(prefix="distill-digits-") as folder:
+            started = time.perf_counter()
+            root, accuracy = build_digits_repository(Path(folder), data)
+            say(
+                f"[digits] teacher trained in {time.perf_counter() - started:.0f} s, held-out "
+                + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
+            )
+            out["datasets"]["digits"] = run_dataset(
+                DIGITS_PLAN,
+                data,
+                root,
+                seeds,
+                ("--allowed-architectures", "teacher_server.models.,bench."),
+            )
+    return out
+
+
+def run_quick(repository: Path) -> dict[str, Any]:
+    """The CI subset: MNIST, 800 training images, 3 epochs, seed 0, T in {1, 4}, dense float32 vs
+    top-3 float16 at T = 4, 512-unit student. Returns the result with its `checks`."""
+    data = mnist_dataset(800)
+    result = run_dataset(QUICK_PLAN, data, ensure_repository(repository), [0])
+    runs = result["runs"]
+    comp = result["experiments"]["compression"]
+    dense_key = comp["settings"]["dense-f32"]["run"]
+    top3_key = comp["settings"]["top3-f16"]["run"]
+    checks: dict[str, Any] = {}
+    checks["softmax_matches_server"] = result["softmax_check"]
+    # The training loss (alpha T^2 KL + (1 - alpha) CE) falls from the first epoch to the last,
+    # and so does the pure KD term on the training set from initialisation to the end.
+    decreasing = {}
+    for key, run in runs.items():
+        if run["config"]["targets"] == "hard":
+            continue
+        losses = run["loss_per_epoch"][0]
+        kd = run["kd_term"][0]
+        kd_init = sum(kd["init"]["dense"].values())
+        kd_final = sum(kd["final"]["dense"].values())
+        decreasing[key] = {
+            "loss_per_epoch": losses,
+            "kd_term_init": kd_init,
+            "kd_term_final": kd_final,
+            "holds": bool(losses[-1] < losses[0] and kd_final < kd_init),
+        }
+    checks["kd_loss_decreases"] = {
+        "runs": decreasing,
+        "holds": all(v["holds"] for v in decreasing.values()),
+    }
+    # Top-3 + tail vs dense: the KD term of the same (dense-trained) student against both targets
+    # (the top-3 KL over 4 buckets can only be smaller: merging classes never increases a KL),
+    # and the held-out accuracy of the students trained on each.
+    final = runs[dense_key]["kd_term"][0]["final"]
+    top3_student = runs[top3_key]["kd_term"][0]["final"]
+    kd_dense = sum(final["dense"].values())
+    kd_top3 = sum(top3_student["top3-f16"].values())
+    kd_dense_of_top3 = sum(top3_student["dense"].values())
+    relative = abs(kd_dense_of_top3 - kd_top3) / kd_dense_of_top3
+    acc_dense = runs[dense_key]["accuracy"]["digit"]["mean"]
+    acc_top3 = runs[top3_key]["accuracy"]["digit"]["mean"]
+    checks["compressed_agrees_with_dense"] = {
+        "temperature": comp["temperature"],
+        "kd_term_dense_trained_student_dense_targets": kd_dense,
+        "kd_term_top3_trained_student_dense_targets": kd_dense_of_top3,
+        "kd_term_top3_trained_student_top3_targets": kd_top3,
+        "kd_relative_difference": relative,
+        "kd_tolerance": QUICK_KD_RELATIVE_TOLERANCE,
+        "digit_accuracy_dense": acc_dense,
+        "digit_accuracy_top3_f16": acc_top3,
+        "accuracy_tolerance": QUICK_ACCURACY_TOLERANCE,
+        "holds": bool(
+            relative <= QUICK_KD_RELATIVE_TOLERANCE
+            and abs(acc_dense - acc_top3) <= QUICK_ACCURACY_TOLERANCE
+        ),
+    }
+    dense_b = comp["settings"]["dense-f32"]["bytes"]
+    top3_b = comp["settings"]["top3-f16"]["bytes"]
+    checks["top3_f16_smaller_than_dense_f32"] = {
+        "dense_f32": dense_b,
+        "top3_f16": top3_b,
+        "holds": all(top3_b[key] < dense_b[key] for key in dense_b),
+    }
+    result["checks"] = checks
+    return {"mode": "quick", "datasets": {"mnist": result}, "checks": checks}
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.distill_eval", description=(__doc__ or "").split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="the CI subset (about a minute)")
+    parser.add_argument("--json", type=Path, help="write every number to this JSON file")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
+    parser.add_argument(
+        "--repository", type=Path, default=DEFAULT_REPOSITORY, help="the MNIST teacher's repository"
+    )
+    parser.add_argument(
+        "--datasets", default="mnist,digits", help="comma-separated: mnist, digits (full mode)"
+    )
+    parser.add_argument(
+        "--img-dir",
+        type=Path,
+        default=REPO_ROOT / "docs" / "img",
+        help="where the two plots go (full mode)",
+    )
+    parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="no training: print the tables and draw the plots of a saved full run's JSON",
+    )
+    return parser.parse_args(argv)
+
+
+def describe_checks(name: str, result: dict[str, Any]) -> None:
+    rec = result["recommended"]
+    say(
+        f"\n[{name}] recommended: T={rec['temperature']:g}, alpha={rec['alpha']:g}, "
+        f"{rec['compression']} ({rec['compression_bytes_all_b64']:.1f} B/sample for all tasks "
+        f"at batch 64, dense float32 {rec['dense_f32_bytes_all_b64']:.1f}); best T by size "
+        f"{rec['best_T_by_size']}"
+    )
+    one = result["check_kd_beats_hard"]
+    say(
+        f"[{name}] check (1) KD beats hard labels on digit by > 2 std (hidden "
+        f"{one['student_hidden']}): {one['holds']}: KD {100 * one['kd']['mean']:.2f} ± "
+        f"{100 * one['kd']['std']:.2f} vs hard {100 * one['hard']['mean']:.2f} ± "
+        f"{100 * one['hard']['std']:.2f}, margin {100 * one['margin']:.2f} points, 2 std "
+        f"{100 * one['two_std']:.2f}"
+    )
+    if "check_top3" in result:
+        two = result["check_top3"]
+        say(
+            f"[{name}] check (2) top-3 float16 within 0.3 points and <= 5% of dense float32 "
+            f"bytes: {two['holds']}: accuracy gap {two['accuracy_gap_points']:.2f} points "
+            f"({two['accuracy_holds']}), bytes ratio {two['bytes_ratio']['digit_b500']:.3f} at "
+            f"batch 500, {two['bytes_ratio']['digit_b64']:.3f} at batch 64, payload "
+            f"{two['bytes_ratio']['digit_payload']:.3f} ({two['bytes_holds']}; physically "
+            f"possible: {two['physically_possible']}: {two['why']})"
+        )
+
+
+def report(
+    out: dict[str, Any], img_dir: Path | None, markdown_path: Path | None, tables: bool = False
+) -> None:
+    """Plots and Markdown of a full run's result (and its tables and checks when `tables`: the
+    run itself printed them per dataset)."""
+    results = out["datasets"]
+    for name, result in results.items():
+        if tables:
+            print_tables(result)
+            describe_checks(name, result)
+    if img_dir is not None and results:
+        plot_temperature(results, img_dir / "distill-accuracy-vs-T.png")
+        plot_bytes(results, img_dir / "distill-accuracy-vs-bytes.png")
+        say(f"plots in {img_dir}")
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text("\n".join(markdown(r) for r in results.values()))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    if args.from_json:
+        import json
+
+        out = json.loads(args.from_json.read_text())
+        report(out, args.img_dir, args.markdown, tables=True)
+        return dict(out)
+    started = time.perf_counter()
+    machine = machine_summary()
+    say(f"machine: {machine}")
+    command = " ".join(["python -m bench.distill_eval", *(sys.argv[1:] if argv is None else argv)])
+    if args.quick:
+        out = run_quick(args.repository.resolve())
+    else:
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        out = run_full(args.repository.resolve(), range(args.seeds), datasets, args.json)
+    out["machine"] = machine
+    out["machine_after"] = machine_summary()
+    out["command"] = command
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    if args.json:
+        write_json(args.json, out)
+    if args.quick:
+        say("\nquick checks: " + ", ".join(f"{k} {v['holds']}" for k, v in out["checks"].items()))
+    else:
+        report(out, args.img_dir, args.markdown)
+    say(f"total {out['seconds']:.0f} s")
+    return out
