@@ -16,6 +16,7 @@ the token is refused as UNAUTHENTICATED whatever its body holds.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
@@ -55,6 +56,8 @@ Behaviour = Callable[[Any, grpc.aio.ServicerContext], Any]
 
 
 def _unary_response(behaviour: Behaviour) -> Behaviour:
+    """`behaviour`, a coroutine function, with its `TeacherError`s turned into the status."""
+
     async def answer(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await behaviour(request, context)
@@ -65,6 +68,10 @@ def _unary_response(behaviour: Behaviour) -> Behaviour:
 
 
 def _streaming_response(behaviour: Behaviour) -> Behaviour:
+    """`behaviour`, a response-streaming handler, with its `TeacherError`s turned into the status."""
+    if not inspect.isasyncgenfunction(behaviour):
+        return _unary_response(behaviour)  # a coroutine that writes with `context.write`
+
     async def answer(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
             # closed with this generator, so the handler's own clean-up runs when grpc ends it
@@ -90,19 +97,20 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        kinds = {
-            (False, False): (grpc.unary_unary_rpc_method_handler, handler.unary_unary, False),
-            (False, True): (grpc.unary_stream_rpc_method_handler, handler.unary_stream, True),
-            (True, False): (grpc.stream_unary_rpc_method_handler, handler.stream_unary, False),
-            (True, True): (grpc.stream_stream_rpc_method_handler, handler.stream_stream, True),
+        methods = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
         }
-        make, behaviour, streaming = kinds[handler.request_streaming, handler.response_streaming]
-        wrap = _streaming_response if streaming else _unary_response
-        return make(  # type: ignore[operator]
-            wrap(behaviour),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if handler.request_streaming and handler.response_streaming:
+            behaviour = _streaming_response(handler.stream_stream)
+            return grpc.stream_stream_rpc_method_handler(behaviour, **methods)
+        if handler.request_streaming:
+            behaviour = _unary_response(handler.stream_unary)
+            return grpc.stream_unary_rpc_method_handler(behaviour, **methods)
+        if handler.response_streaming:
+            behaviour = _streaming_response(handler.unary_stream)
+            return grpc.unary_stream_rpc_method_handler(behaviour, **methods)
+        return grpc.unary_unary_rpc_method_handler(_unary_response(handler.unary_unary), **methods)
 
 
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
