@@ -18,7 +18,7 @@ modes alike), each mode with its own student (seed 0) and a new shuffle per epoc
 
 Reported: seconds per epoch; for epochs 2..N the median per mode and the ratio to hard labels
 (the issue's target: the cached epochs within 1.10x of hard-label epochs). The loop is
-`student_client.trainer.fit`'s inner loop (forward, loss, backward, Adam step, `loss.item()`),
+`student_client.training.trainer.fit`'s inner loop (forward, loss, backward, Adam step, `loss.item()`),
 timed from the first batch request to the last step, so a cached epoch includes its `ModelInfo`
 call, every look-up and the assembly of each batch.
 """

@@ -3,7 +3,7 @@
     python -m bench.training [--json out.json] [--epochs N] [--quick] [--repository PATH]
 
 The demo's student (`StudentMLP`, hidden (512,), Adam lr 1e-3, batch 64, the 4,000-image MNIST
-training split, `MultiTaskKDLoss(alpha=0.9, T=4)`) is trained with `student_client.trainer.fit`
+training split, `MultiTaskKDLoss(alpha=0.9, T=4)`) is trained with `student_client.training.trainer.fit`
 for one untimed warm-up epoch plus N timed epochs, in these modes:
 
 - hard: hard labels only (no teacher at all);
