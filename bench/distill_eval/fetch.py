@@ -21,7 +21,7 @@ from student_client.types import SoftTargets, TargetOptions
 
 class Wire:
     """Unary `GetSoftTargets` on a raw stub, so each answer's serialized size can be measured;
-    requests and answers are converted exactly as `TeacherClient` does (`student_client.messages`),
+    requests and answers are converted exactly as `TeacherClient` does (`student_client.online.messages`),
     batch ids as `SoftTargetLoader` makes them."""
 
     def __init__(self, address: str, model: str) -> None:
