@@ -1,5 +1,9 @@
-# syntax=docker/dockerfile:1
 # The teacher server as a container image: `docker build -t distill-teacher .`
+# (No `# syntax=` line: BuildKit would pull its frontend from Docker Hub, which an air-gapped
+# build cannot reach; the built-in one reads this file, and so does the legacy builder.)
+#
+# Offline, from a wheelhouse (no package index reached during the build; docs/deploy/README.md):
+#   scripts/fill_wheelhouse.sh && docker build --build-arg PIP_OFFLINE=true -t distill-teacher .
 #
 # CPU by default. For CUDA, build against a PyTorch index that publishes the pinned torch (see
 # constraints.txt) for your CUDA version (cu128 below is an example: PyTorch publishes each
@@ -37,20 +41,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # ---- builder: a venv with the project and its pinned dependencies ----
 FROM python-base AS builder
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# true: install from wheelhouse/ only (filled by scripts/fill_wheelhouse.sh), no index reached.
+ARG PIP_OFFLINE=false
+# pip reads its sources from these: online, the package index plus the torch index; offline
+# (PIP_NO_INDEX=true), the wheelhouse alone. wheelhouse/ always exists (its README is tracked), so
+# an online build copies just that README. Online, the torch index is an extra index: its local
+# versions (2.13.0+cpu, +cuXXX) sort above PyPI's 2.13.0 and win.
 ENV PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_INDEX=${PIP_OFFLINE} \
+    PIP_FIND_LINKS=/wheelhouse \
+    PIP_EXTRA_INDEX_URL=${TORCH_INDEX_URL}
+COPY wheelhouse/ /wheelhouse/
 RUN python3 -m venv /opt/venv && /opt/venv/bin/pip install --upgrade pip
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
-# torch first, in its own layer: the largest download, unchanged by source edits. The torch index
-# is an extra index: its local versions (2.13.0+cpu, +cuXXX) sort above PyPI's 2.13.0 and win.
+# torch first, in its own layer: the largest download, unchanged by source edits.
 COPY constraints.txt ./
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt torch
+RUN pip install -c constraints.txt torch
 COPY pyproject.toml README.md ./
 COPY protocol ./protocol
 COPY teacher_server ./teacher_server
 COPY student_client ./student_client
-RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints.txt . \
+RUN pip install -c constraints.txt . \
     && pip check
 
 # ---- runtime: the venv, a non-root user, nothing else ----

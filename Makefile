@@ -1,12 +1,14 @@
 # `make demo` runs the quickstart; `make test` runs lint, types and the test suite. Each creates
-# the virtual environment (.venv) from the project's own files first. The constraints file pins
+# the virtual environment (.venv) from the project's own files first. `make test-container` builds
+# the image and runs docker compose end to end (tests/container/): it needs root and apt, which it
+# uses to install and start a Docker engine when none answers. The constraints file pins
 # torch to the CPU wheel this machine (and CI) has on disk; pyproject.toml keeps an open range.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install
+.PHONY: demo test lint install test-container wheelhouse images
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +28,15 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest
+
+# The wheels an offline image build installs (docker build --build-arg PIP_OFFLINE=true).
+wheelhouse:
+	scripts/fill_wheelhouse.sh
+
+# A Docker engine, and base images made from Debian's packages (no registry needed).
+images:
+	scripts/docker_engine.sh
+	scripts/local_images.sh
+
+test-container: $(STAMP) images wheelhouse
+	$(BIN)/python -m pytest --container -v -s tests/container

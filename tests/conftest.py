@@ -31,6 +31,25 @@ STOP_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.05
 RPC_TIMEOUT_S = 30.0
 
+CONTAINER_TESTS = Path(__file__).parent / "container"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--container",
+        action="store_true",
+        help="also collect tests/container (needs a Docker engine; `make test-container`)",
+    )
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """tests/container needs a Docker engine, which `make test` does not install: it runs only
+    with --container (`make test-container`)."""
+    if collection_path == CONTAINER_TESTS and not config.getoption("--container"):
+        return True
+    return None
+
+
 # Never route a test's traffic through a proxy from the environment: everything is 127.0.0.1.
 GRPC_CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
