@@ -59,11 +59,18 @@ WORKDIR /src
 # torch first, in its own layer: the largest download, unchanged by source edits.
 COPY constraints.txt ./
 RUN pip install -c constraints.txt torch
-COPY pyproject.toml README.md ./
+# Then the other dependencies, in a layer that only pyproject.toml and constraints.txt change:
+# installed through a stand-in project (empty packages, empty README), which is then removed.
+COPY pyproject.toml ./
+RUN mkdir protocol teacher_server student_client && touch README.md \
+    && pip install -c constraints.txt . && pip uninstall -y distill-teacher \
+    && rm -rf protocol teacher_server student_client README.md build ./*.egg-info
+# The project itself: a source edit rebuilds from here (seconds).
+COPY README.md ./
 COPY protocol ./protocol
 COPY teacher_server ./teacher_server
 COPY student_client ./student_client
-RUN pip install -c constraints.txt . \
+RUN pip install --no-deps -c constraints.txt . \
     && pip check
 
 # ---- runtime: the venv, a non-root user, nothing else ----
