@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 
 from student_client import TeacherClient
-from student_client.retry import NO_RETRY
+from student_client.online.retry import NO_RETRY
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ("docker-compose.yml", "docker/compose.offline.yml")
