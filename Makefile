@@ -25,6 +25,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy protocol teacher_server student_client
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest

@@ -9,18 +9,31 @@ was `application/x-protobuf`. The HTTP status and `Retry-After` come from the er
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from protocol.errors import TeacherError, error_from_http_status
+from protocol.errors import InvalidArgument, TeacherError, error_from_http_status
 from protocol.v1 import teacher_pb2 as pb
-from teacher_server.v1.convert import invalid_argument
 
 PROTOBUF = "application/x-protobuf"
 _PROTOBUF_TYPES = (PROTOBUF, "application/protobuf", "application/vnd.google.protobuf")
+
+
+def invalid_argument(errors: list[Any]) -> InvalidArgument:
+    """The first pydantic error as an `InvalidArgument` naming the field."""
+    first = errors[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    field = ".".join(location) or "body"
+    if first.get("type") == "json_invalid":
+        field = "body"
+    message = f"{field}: {first.get('msg', 'invalid')}"
+    if "input" in first and first.get("type") != "json_invalid":
+        message += f", got {str(first['input'])[:80]!r}"
+    return InvalidArgument(message, field)
 
 
 def media_type(content_type: str | None) -> str:

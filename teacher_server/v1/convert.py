@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from protocol import codec
 from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
+from teacher_server.http_errors import invalid_argument
 from teacher_server.serving.schema import ModelInfo, SoftTargets, SoftTargetsRequest, VersionSummary
 
 _KIND_FROM_PB = {
@@ -151,19 +152,6 @@ class SoftTargetsBody(BaseModel):
     top_k: int = Field(0, ge=0, description="0: dense; k: the k largest classes per row")
     output_dtype: str = Field("float32", description="float32, float16 or bfloat16 rounding")
     hints: list[str] = Field(default_factory=list, description="intermediate features to return")
-
-
-def invalid_argument(errors: list[Any]) -> InvalidArgument:
-    """The first pydantic error as an `InvalidArgument` naming the field."""
-    first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    field = ".".join(location) or "body"
-    if first.get("type") == "json_invalid":
-        field = "body"
-    message = f"{field}: {first.get('msg', 'invalid')}"
-    if "input" in first and first.get("type") != "json_invalid":
-        message += f", got {str(first['input'])[:80]!r}"
-    return InvalidArgument(message, field)
 
 
 def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
