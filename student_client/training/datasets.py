@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-MNIST_SPLIT_SEED = 20150309  # must equal teacher_server.default_teacher.SPLIT_SEED
+MNIST_SPLIT_SEED = 20150309  # must equal teacher_server.repository.default_teacher.SPLIT_SEED
 MNIST_N_TRAIN = 4000
 LOOPS_PER_DIGIT = np.array([1, 0, 0, 0, 1, 0, 1, 0, 2, 1])
 

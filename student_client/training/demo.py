@@ -276,9 +276,9 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             # Teacher and student share this machine's cores. The student keeps half of them;
             # a CPU teacher runs one forward worker per core (each on one torch thread), which
             # use the cores whenever the student does not, without the stalls of one torch
-            # thread pool spread over cores that the student also uses (bench.training: 0.66 s
-            # against 0.95 s an epoch with half the cores each, on 2 cores). On a GPU the
-            # workers setting is ignored.
+            # thread pool spread over cores that the student also uses (measured by
+            # bench.training; figures in docs/performance.md). On a GPU the workers setting is
+            # ignored.
             cores = os.cpu_count() or 2
             torch.set_num_threads(max(1, cores // 2))
             teacher = stack.enter_context(
