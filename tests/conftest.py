@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -23,12 +18,16 @@ import numpy as np
 import pytest
 
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
+from student_client.teacher_process import (
+    TeacherProcess,
+    TeacherStartError,
+    loopback_channel,
+    loopback_http_client,
+)
 from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
-from tests.readiness import wait_for_doors, wait_for_ports
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-POLL_INTERVAL_S = 0.05
 RPC_TIMEOUT_S = 30.0
 
 CONTAINER_TESTS = Path(__file__).parent / "container"
@@ -50,118 +49,38 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
-# Never route a test's traffic through a proxy from the environment: everything is 127.0.0.1.
-GRPC_CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
-
-
 def grpc_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=GRPC_CHANNEL_OPTIONS)
+    return loopback_channel(address)
 
 
 def http_client(base_url: str) -> httpx.Client:
-    return httpx.Client(base_url=base_url, timeout=RPC_TIMEOUT_S, trust_env=False)
-
-
-@dataclass
-class TeacherProcess:
-    """A running `teacher-server serve` subprocess."""
-
-    process: subprocess.Popen[bytes]
-    grpc_address: str  # "127.0.0.1:PORT"
-    http_url: str  # "http://127.0.0.1:PORT"
-    log_path: Path
-
-    def log(self) -> str:
-        """Everything the server wrote to stdout and stderr so far."""
-        return self.log_path.read_text(errors="replace")
-
-
-def _fail_start(log_path: Path, why: str) -> None:
-    log = log_path.read_text(errors="replace") if log_path.exists() else ""
-    pytest.fail(f"teacher server did not start: {why}\n--- server output ---\n{log}", pytrace=False)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=STOP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=STOP_TIMEOUT_S)
-
-
-def _wait_ready(
-    process: subprocess.Popen[bytes], port_file: Path, log_path: Path
-) -> TeacherProcess:
-    deadline = time.monotonic() + START_TIMEOUT_S
-
-    def check_alive(stage: str) -> None:
-        if process.poll() is not None:
-            _fail_start(log_path, f"exited with code {process.returncode} ({stage})")
-        if time.monotonic() > deadline:
-            _fail_start(log_path, f"not ready within {START_TIMEOUT_S:.0f} s ({stage})")
-
-    ports = wait_for_ports(port_file, check_alive, POLL_INTERVAL_S)
-    teacher = TeacherProcess(
-        process=process,
-        grpc_address=f"127.0.0.1:{ports['grpc_port']}",
-        http_url=f"http://127.0.0.1:{ports['http_port']}",
-        log_path=log_path,
-    )
-    with (
-        grpc_channel(teacher.grpc_address) as channel,
-        httpx.Client(base_url=teacher.http_url, timeout=1.0, trust_env=False) as http,
-    ):
-        wait_for_doors(channel, http, check_alive, POLL_INTERVAL_S)
-    return teacher
+    return loopback_http_client(base_url, timeout=RPC_TIMEOUT_S)
 
 
 @contextlib.contextmanager
 def start_teacher(repository: Path, tmp_path: Path, *extra_args: str) -> Iterator[TeacherProcess]:
     """Start a real teacher server on `repository` (free ports), wait until both doors are ready,
-    yield it, and stop it (SIGTERM, then kill after 15 s). Its output goes to a log file in
-    `tmp_path`; a failed start fails the test with that output."""
+    yield it, and stop it (SIGTERM, then kill after 15 s). Its output goes to `server.log` in
+    `tmp_path` (its working directory); a failed start fails the test with that output. No
+    `TEACHER_*` variable of this environment reaches it: only the flags given configure it."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    port_file = tmp_path / "ports.json"
-    port_file.unlink(missing_ok=True)
-    log_path = tmp_path / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "teacher_server.cli",
-        "serve",
-        "--model-repository",
-        str(repository),
-        "--grpc-port",
-        "0",
-        "--http-port",
-        "0",
-        "--port-file",
-        str(port_file),
-        "--train-default-if-missing",
-        "false",
-        *extra_args,
-    ]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, cwd=tmp_path, env=_server_env()
-        )
-    teacher = None
     try:
-        teacher = _wait_ready(process, port_file, log_path)
-        _RUNNING.append(teacher)
+        teacher = TeacherProcess(
+            repository,
+            ["--train-default-if-missing", "false", *extra_args],
+            inherit_teacher_env=False,
+            log=tmp_path / "server.log",
+            cwd=tmp_path,
+            start_timeout=START_TIMEOUT_S,
+        )
+    except TeacherStartError as error:
+        pytest.fail(str(error), pytrace=False)
+    _RUNNING.append(teacher)
+    try:
         yield teacher
     finally:
-        _stop(process)
-        if teacher is not None:
-            _RUNNING.remove(teacher)
-
-
-def _server_env() -> dict[str, str]:
-    """The environment without TEACHER_* settings, so only the flags given here configure it."""
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("TEACHER_")}
+        _RUNNING.remove(teacher)
+        teacher.stop(STOP_TIMEOUT_S)
 
 
 _RUNNING: list[TeacherProcess] = []

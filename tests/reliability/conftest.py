@@ -1,5 +1,7 @@
-"""Helpers for the reliability tests: teacher servers started as subprocesses on chosen (or free)
-ports of 127.0.0.1, optionally over TLS, that a test may kill (-9), terminate (SIGTERM) and
+"""Helpers for the reliability tests: teachers on chosen (or free) ports, killed and restarted.
+
+Each teacher is a `student_client.teacher_process.TeacherProcess` (the one launcher): a
+subprocess on 127.0.0.1, optionally over TLS, that a test may kill (-9), terminate (SIGTERM) and
 restart on the same ports; readiness is always polled (gRPC health SERVING, then `GET /readyz`
 200), never a fixed sleep.
 
@@ -9,12 +11,7 @@ runs at the end: SIGTERM, then SIGKILL after `STOP_TIMEOUT_S`.
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import ssl
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Generator, Iterator, Sequence
@@ -22,17 +19,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import grpc
-import httpx
 import numpy as np
 import pytest
 
+from student_client.teacher_process import (
+    TeacherProcess,
+    TeacherStartError,
+    loopback_channel,
+    loopback_http_client,
+)
 from student_client.types import SoftTargets
-from tests.readiness import wait_for_doors, wait_for_ports
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
-POLL_S = 0.05
 LOG_TAIL_CHARS = 3000
 
 MODEL = "mnist-multitask"
@@ -54,79 +53,21 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS in /proc/{pid}/status")
 
 
-def grpc_channel(address: str, ca_file: Path | None = None) -> grpc.Channel:
-    """A channel that never goes through a proxy of the environment (everything is loopback)."""
-    options = [("grpc.enable_http_proxy", 0)]
-    if ca_file is None:
-        return grpc.insecure_channel(address, options=options)
-    credentials = grpc.ssl_channel_credentials(root_certificates=ca_file.read_bytes())
-    return grpc.secure_channel(address, credentials, options=options)
+# `grpc_channel(address, ca_file=None)`, `http_client(base_url, ca_file=None, timeout=30.0)`.
+grpc_channel = loopback_channel
+http_client = loopback_http_client
 
 
-def http_client(base_url: str, ca_file: Path | None = None, timeout: float = 30.0) -> httpx.Client:
-    return httpx.Client(
-        base_url=base_url,
-        timeout=timeout,
-        trust_env=False,
-        verify=ssl.create_default_context(cafile=str(ca_file)) if ca_file is not None else True,
-    )
-
-
-@dataclass
-class Teacher:
-    """One `teacher-server serve` subprocess."""
-
-    process: subprocess.Popen[bytes]
-    folder: Path
-    log_path: Path
-    ca_file: Path | None = None  # set when the teacher serves TLS
-    grpc_port: int = 0
-    http_port: int = 0
+class Teacher(TeacherProcess):
+    """A launcher's teacher: its folder is its working directory and holds `server.log`."""
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def grpc_address(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_address(self) -> str:
-        return f"127.0.0.1:{self.http_port}"
-
-    @property
-    def http_url(self) -> str:
-        scheme = "https" if self.ca_file is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.http_port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def folder(self) -> Path:
+        assert self.cwd is not None
+        return self.cwd
 
     def rss_kib(self) -> int:
         return rss_kib(self.pid)
-
-    def kill(self) -> None:
-        """SIGKILL: no grace, no clean-up, like a crashed machine."""
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=STOP_TIMEOUT_S)
-
-    def terminate(self, timeout: float = STOP_TIMEOUT_S) -> int:
-        """SIGTERM, wait up to `timeout` (then SIGKILL); the exit code."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=STOP_TIMEOUT_S)
-        return int(self.process.returncode)
-
-
-def _server_env() -> dict[str, str]:
-    """The environment without TEACHER_* settings: only the flags given configure the server."""
-    return {k: v for k, v in os.environ.items() if not k.upper().startswith("TEACHER_")}
 
 
 _LIVE: list[Teacher] = []
@@ -150,47 +91,42 @@ class Launcher:
         http_port: int = 0,
         ca_file: Path | None = None,
     ) -> Teacher:
-        """Start a teacher process and return at once (see `wait_ready`)."""
+        """Start a teacher process and return at once (see `wait_ready`). No `TEACHER_*`
+        variable of this environment reaches it: only the flags given configure it."""
         with self._lock:
             self._count += 1
             folder = self.root / f"teacher-{self._count}"
         folder.mkdir(parents=True, exist_ok=True)
-        port_file = folder / "ports.json"
-        port_file.unlink(missing_ok=True)
-        log_path = folder / "server.log"
-        command = [
-            sys.executable,
-            "-m",
-            "teacher_server.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--model-repository",
-            str(self.repository),
-            "--grpc-port",
-            str(grpc_port),
-            "--http-port",
-            str(http_port),
-            "--port-file",
-            str(port_file),
-            "--train-default-if-missing",
-            "false",
-            *extra_args,
-        ]
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, stdout=log_file, stderr=subprocess.STDOUT, cwd=folder, env=_server_env()
-            )
-        teacher = Teacher(process, folder, log_path, ca_file)
+        teacher = Teacher(
+            self.repository,
+            ["--train-default-if-missing", "false", *extra_args],
+            grpc_port=grpc_port,
+            http_port=http_port,
+            ca_file=ca_file,
+            inherit_teacher_env=False,
+            log=folder / "server.log",
+            cwd=folder,
+            start_timeout=START_TIMEOUT_S,
+            wait=False,
+        )
         with self._lock:
             self.teachers.append(teacher)
         with _LIVE_LOCK:
             _LIVE.append(teacher)
         return teacher
 
-    def start(self, *extra_args: str, **kwargs: object) -> Teacher:
+    def start(
+        self,
+        *extra_args: str,
+        grpc_port: int = 0,
+        http_port: int = 0,
+        ca_file: Path | None = None,
+    ) -> Teacher:
         """Start a teacher and wait until both doors are ready."""
-        return wait_ready(self.launch(*extra_args, **kwargs))  # type: ignore[arg-type]
+        launched = self.launch(
+            *extra_args, grpc_port=grpc_port, http_port=http_port, ca_file=ca_file
+        )
+        return wait_ready(launched)
 
     def start_many(self, *arg_lists: Sequence[str]) -> list[Teacher]:
         """Start several teachers at once (their start-ups overlap), each ready on return."""
@@ -199,37 +135,19 @@ class Launcher:
 
     def close(self) -> None:
         for teacher in self.teachers:
-            teacher.terminate()
+            teacher.terminate(STOP_TIMEOUT_S)
             with _LIVE_LOCK:
                 if teacher in _LIVE:
                     _LIVE.remove(teacher)
 
 
-def _fail_start(teacher: Teacher, why: str) -> None:
-    pytest.fail(
-        f"teacher did not start: {why}\n--- server output ---\n{teacher.log()[-LOG_TAIL_CHARS:]}",
-        pytrace=False,
-    )
-
-
 def wait_ready(teacher: Teacher, timeout: float = START_TIMEOUT_S) -> Teacher:
-    """Poll until the port file is written, gRPC health says SERVING and `/readyz` is 200."""
-    deadline = time.monotonic() + timeout
-    port_file = teacher.folder / "ports.json"
-
-    def check(stage: str) -> None:
-        if teacher.process.poll() is not None:
-            _fail_start(teacher, f"exited with code {teacher.process.returncode} ({stage})")
-        if time.monotonic() > deadline:
-            _fail_start(teacher, f"not ready within {timeout:.0f} s ({stage})")
-
-    ports = wait_for_ports(port_file, check, POLL_S)
-    teacher.grpc_port, teacher.http_port = int(ports["grpc_port"]), int(ports["http_port"])
-    with (
-        grpc_channel(teacher.grpc_address, teacher.ca_file) as channel,
-        http_client(teacher.http_url, teacher.ca_file, timeout=1.0) as http,
-    ):
-        wait_for_doors(channel, http, check, POLL_S)
+    """Poll until the port file is written, gRPC health says SERVING and `/readyz` is 200; a
+    failed start fails the test with the server's output."""
+    try:
+        teacher.wait_ready(timeout)
+    except TeacherStartError as error:
+        pytest.fail(str(error), pytrace=False)
     return teacher
 
 
