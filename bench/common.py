@@ -233,42 +233,24 @@ def print_table(
 
 
 @contextlib.contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the duration (child processes started inside inherit them)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
 def teacher_process(
     repository: Path, extra_args: Sequence[str] = (), env: dict[str, str] | None = None
 ) -> Iterator[TeacherProcess]:
-    """A teacher subprocess on free loopback ports, its log in a temporary file (printed if it
-    fails to start). `env` is added to this process's environment for the child; the repository
-    root is put on PYTHONPATH so `bench.` architectures import."""
+    """A teacher subprocess on free loopback ports, its output in a temporary log file (whose tail
+    a failed start raises with). The child gets this process's environment plus `env`, with the
+    repository root on PYTHONPATH so `bench.` architectures import."""
     pythonpath = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p)
-    with tempfile.NamedTemporaryFile(prefix="bench-teacher-", suffix=".log", delete=False) as log:
-        log_path = Path(log.name)
-        try:
-            with patched_environ({"PYTHONPATH": pythonpath, **(env or {})}):
-                teacher = TeacherProcess(repository, list(extra_args), log=log, start_timeout=300)
-        except Exception:
-            log.flush()
-            print(log_path.read_text(errors="replace")[-4000:], file=sys.stderr)
-            raise
-    try:
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-teacher-") as folder,
+        TeacherProcess(
+            repository,
+            extra_args,
+            env={"PYTHONPATH": pythonpath, **(env or {})},
+            log=Path(folder) / "server.log",
+            start_timeout=300,
+        ) as teacher,
+    ):
         yield teacher
-    finally:
-        teacher.stop()
-        log_path.unlink(missing_ok=True)
 
 
 def free_port() -> int:
