@@ -9,7 +9,9 @@
         2/config.json, 2/model.safetensors    <- the default version: the last label in order
       mnist-ensemble/config.json       an ensemble: members named in the config, no weights
 
-`config.json` is described in `teacher_server.repository.model_config`. Weights are loaded with safetensors
+`config.json` is described in `teacher_server.repository.model_config`; a Hugging Face
+`save_pretrained` folder is recognised by its own config.json and loaded through
+`teacher_server.repository.huggingface_config`. Weights are loaded with safetensors
 only: nothing is unpickled, and an architecture is imported only if its module path starts with
 one of the operator's allowed prefixes (`Settings.allowed_architectures`). Requests never name
 files or import paths.
@@ -33,6 +35,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from teacher_server.repository.huggingface_config import (
+    huggingface_model_config,
+    is_huggingface,
+    is_huggingface_config,
+    load_huggingface,
+)
 from teacher_server.repository.model_config import (
     ModelConfig,
     ModelLoadError,
@@ -119,7 +127,10 @@ def read_config(folder: VersionFolder) -> tuple[ModelConfig, bytes]:
         raw = json.loads(config_bytes)
     except ValueError as error:
         raise ModelLoadError(f"{config_path}: not valid JSON: {error}") from error
-    config = parse_config(raw, str(config_path))
+    if is_huggingface_config(raw):  # a `save_pretrained` folder: its config is derived
+        config = huggingface_model_config(folder.path, folder.model, raw)
+    else:
+        config = parse_config(raw, str(config_path))
     if config.name != folder.model:
         raise ModelLoadError(
             f"{config_path}: config name {config.name!r} does not match its folder {folder.model!r}"
@@ -138,6 +149,8 @@ def load_version(
     config, config_bytes = read_config(folder)
     if config.is_ensemble:
         return _load_ensemble(folder, config, config_bytes, device, member)
+    if is_huggingface(config):
+        return _load_huggingface(folder, config, config_bytes, device, allowed_prefixes)
     weights_path = folder.path / WEIGHTS_FILE
     if not weights_path.is_file():
         raise ModelLoadError(f"{folder.path}: missing {WEIGHTS_FILE}")
@@ -171,6 +184,29 @@ def load_version(
         )
     module.to(device).eval()
     version = "sha256:" + hashlib.sha256(config_bytes + weights_bytes).hexdigest()
+    return LoadedModel(config, folder.label, version, device, module, forward_features, heads)
+
+
+def _load_huggingface(
+    folder: VersionFolder,
+    config: ModelConfig,
+    config_bytes: bytes,
+    device: torch.device,
+    allowed_prefixes: tuple[str, ...],
+) -> LoadedModel:
+    """A Hugging Face folder through its adapter; the version hashes config.json, the image
+    processor config and the weights."""
+    try:
+        import_architecture(config.architecture, allowed_prefixes)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"{folder.path / CONFIG_FILE}: {error}") from error
+    module, content = load_huggingface(folder.path, config)
+    forward_features = getattr(module, "forward_features", None)
+    heads = getattr(module, "heads", None)
+    if not callable(forward_features) or not isinstance(heads, nn.ModuleDict):
+        raise ModelLoadError(f"{folder.path}: the adapter has no forward_features() or heads")
+    module.to(device).eval()
+    version = "sha256:" + hashlib.sha256(config_bytes + content).hexdigest()
     return LoadedModel(config, folder.label, version, device, module, forward_features, heads)
 
 
