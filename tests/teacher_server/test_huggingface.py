@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from teacher_server.repository.huggingface_config import (
     huggingface_model_config,
     load_huggingface,
 )
-from teacher_server.repository.model_config import ModelLoadError
+from teacher_server.repository.model_config import ModelLoadError, file_sha256
 from teacher_server.repository.store import load_model
 
 transformers = pytest.importorskip("transformers")
@@ -291,3 +292,23 @@ def test_served_vit_soft_targets_equal_an_in_process_forward(
     refused = http.get("/v1/models/tiny-gpt2")  # known, not loaded: its load error is the answer
     assert refused.status_code == 503
     assert re.search("sequence models.*not served yet", refused.json()["error"]["message"])
+
+
+def test_a_tokenizer_file_is_named_by_its_hash_with_the_special_ids(tmp_path: Path) -> None:
+    _, folder = gpt2(tmp_path / "gpt2", "GPT2LMHeadModel")
+    (folder / "tokenizer.json").write_text('{"model": {"type": "WordLevel"}}')
+    (folder / "tokenizer_config.json").write_text('{"model_max_length": 32}')
+    raw = json.loads((folder / "config.json").read_text()) | {"eos_token_id": 2, "pad_token_id": 0}
+    config = huggingface_model_config(folder, "gpt2", raw)
+    assert config.tokenizer is not None and config.input_shape == (32,)
+    assert config.tokenizer.sha256 == file_sha256((folder / "tokenizer.json").read_bytes())
+    assert config.tokenizer.special_ids == {"pad": 0, "eos": 2}  # bos 50256 is outside the vocab
+
+
+def test_without_transformers_the_error_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, folder = vit(tmp_path / "vit")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` fails
+    with pytest.raises(ModelLoadError, match=r"pip install 'distill-teacher\[hf\]'"):
+        load_model(folder, torch.device("cpu"), ALLOWED)
