@@ -1,4 +1,4 @@
-"""`teacher-server`: serve the model repository, or train the default teacher into it."""
+"""`teacher-server`: serve the model repository, train a default teacher into it, package one."""
 
 from __future__ import annotations
 
@@ -117,6 +117,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     train_parser.add_argument("--out", type=Path, default=Path("model_repository/mnist-multitask"))
     train_parser.add_argument("--epochs", type=int, default=12)
+    sequence_parser = commands.add_parser(
+        "train-default-sequence",
+        help="train the default sequence teacher (a causal transformer on the Python docs)",
+    )
+    sequence_parser.add_argument(
+        "--out", type=Path, default=Path("model_repository/pydoc-causal-lm")
+    )
+    sequence_parser.add_argument("--seed", type=int, default=0)
+    sequence_parser.add_argument(
+        "--small", action="store_true", help="a tiny model in seconds (for tests)"
+    )
     _add_package_parser(commands)
     args = parser.parse_args(argv)
 
@@ -131,6 +142,13 @@ def main(argv: list[str] | None = None) -> None:
         asyncio.run(serve(settings))
     elif args.command == "package":
         _package(parser, args)
+    elif args.command == "train-default-sequence":
+        logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        from teacher_server.repository.default_sequence_teacher import (
+            train_default_sequence_teacher,
+        )
+
+        train_default_sequence_teacher(args.out, small=args.small, seed=args.seed)
     else:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from teacher_server.repository.default_teacher import train_default_teacher

@@ -161,6 +161,10 @@ class TeacherCore:
         current = self.models.get(name, ServedModel()).versions
         served: dict[str, ServedVersion] = {}
         for folder in folders:
+            if read_config(folder)[0].is_sequence_model:
+                raise ModelLoadError(
+                    f"model {name!r}: sequence models (input kind tokens) are not served yet"
+                )
             loaded = load_version(
                 folder, self.device, self.settings.allowed_architectures, self._member
             )
