@@ -128,6 +128,29 @@ def default_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sequence_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository holding the small default sequence teacher (`pydoc-causal-lm`, a
+    causal transformer with tokenizer.json; trained once per session, seconds): token-level
+    `next_token` and sequence-level `topic_group`."""
+    import torch
+
+    from teacher_server.repository.default_sequence_teacher import (
+        DEFAULT_SEQUENCE_MODEL_NAME,
+        train_default_sequence_teacher,
+    )
+
+    root = tmp_path_factory.mktemp("sequence_repository")
+    threads = torch.get_num_threads()
+    if os.getloadavg()[0] >= 1.0:
+        torch.set_num_threads(1)  # see default_repository: busy threads wait on each other
+    try:
+        train_default_sequence_teacher(root / DEFAULT_SEQUENCE_MODEL_NAME, small=True)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+@pytest.fixture(scope="session")
 def teacher(
     default_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[TeacherProcess]:
