@@ -28,6 +28,7 @@ DTYPE_NAMES: Final[dict[pb.DataType, str]] = {
     pb.INT64: "int64",
     pb.INT32: "int32",
     pb.FLOAT64: "float64",
+    pb.UINT16: "uint16",
 }
 DTYPES_BY_NAME: Final[dict[str, pb.DataType]] = {name: value for value, name in DTYPE_NAMES.items()}
 
@@ -40,6 +41,7 @@ _WIRE_NUMPY: Final[dict[pb.DataType, np.dtype]] = {
     pb.INT64: np.dtype("<i8"),
     pb.INT32: np.dtype("<i4"),
     pb.FLOAT64: np.dtype("<f8"),
+    pb.UINT16: np.dtype("<u2"),
 }
 _DTYPE_BY_NUMPY: Final[dict[np.dtype, pb.DataType]] = {
     np.dtype(np.float32): pb.FLOAT32,
@@ -48,6 +50,7 @@ _DTYPE_BY_NUMPY: Final[dict[np.dtype, pb.DataType]] = {
     np.dtype(np.int64): pb.INT64,
     np.dtype(np.int32): pb.INT32,
     np.dtype(np.float64): pb.FLOAT64,
+    np.dtype(np.uint16): pb.UINT16,
 }
 
 DEFAULT_MAX_ELEMENTS: Final = 1 << 28
@@ -110,6 +113,17 @@ def check_json_cast(parsed: np.ndarray, dtype: np.dtype, field: str, type_name: 
         )
 
 
+def index_dtype(classes: int, token_level: bool) -> pb.DataType:
+    """The wire dtype of top-k indices for a task of `classes` classes: the narrowest that holds
+    every index. UINT8 up to 256 classes; UINT16 up to 65,536 for token-level tasks only (so a
+    client of sequence-level, image-like tasks sees the dtypes it always saw); else INT32."""
+    if classes <= 1 << 8:
+        return pb.UINT8
+    if token_level and classes <= 1 << 16:
+        return pb.UINT16
+    return pb.INT32
+
+
 def itemsize(dtype: pb.DataType) -> int:
     return _WIRE_NUMPY[dtype].itemsize
 
@@ -133,7 +147,7 @@ def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
 def encode(array: np.ndarray, dtype: pb.DataType | None = None) -> pb.Tensor:
     """Encode an array as a Tensor. `dtype` (a wire DataType) converts first, e.g. pb.FLOAT16 or
     pb.BFLOAT16 for compact outputs; by default the array's own dtype is kept (it must be one of
-    float32/float16/uint8/int64/int32/float64)."""
+    float32/float16/uint8/uint16/int64/int32/float64)."""
     array = np.asarray(array)
     if dtype is None:
         if array.dtype not in _DTYPE_BY_NUMPY:

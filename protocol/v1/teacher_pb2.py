@@ -24,17 +24,21 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protocol/v1/teacher.proto\x12\ndistill.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.distill.v1.ModelSummary\"y\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05label\x18\x06 \x01(\t\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"r\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.distill.v1.ModelSummary\x12\x0e\n\x06loaded\x18\x03 \x03(\t\x12\x10\n\x08unloaded\x18\x04 \x03(\t\"[\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x1a\n\rtest_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_test_accuracy\"\'\n\x08HintInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xca\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.distill.v1.TaskInfo\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12)\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x14.distill.v1.DataType\x12\x33\n\x15\x61\x63\x63\x65pted_input_dtypes\x18\x06 \x03(\x0e\x32\x14.distill.v1.DataType\x12\x13\n\x0buint8_scale\x18\x07 \x01(\x01\x12#\n\x05hints\x18\x08 \x03(\x0b\x32\x14.distill.v1.HintInfo\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x03\"\x9b\x02\n\x12SoftTargetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06output\x18\x05 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06inputs\x18\x06 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x10\n\x08\x62\x61tch_id\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12*\n\x0coutput_dtype\x18\t \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05hints\x18\n \x03(\tB\x0e\n\x0c_temperature\"\xb0\x01\n\nTaskOutput\x12\x0c\n\x04task\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07indices\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\x12%\n\ttail_mass\x18\x05 \x01(\x0b\x32\x12.distill.v1.Tensor\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.distill.v1.Tensor\"\xb3\x01\n\x13SoftTargetsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.distill.v1.TaskOutput\x12&\n\x05hints\x18\x06 \x03(\x0b\x32\x17.distill.v1.NamedTensor\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x94\x01\n\x19StreamSoftTargetsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x0csoft_targets\x18\x02 \x01(\x0b\x32\x1f.distill.v1.SoftTargetsResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.distill.v1.ErrorH\x00\x42\x08\n\x06result*{\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\x0b\n\x07\x46LOAT64\x10\x07*O\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x12\n\n\x06LOGITS\x10\x03\x32\xa8\x03\n\x0eTeacherService\x12K\n\nListModels\x12\x1d.distill.v1.ListModelsRequest\x1a\x1e.distill.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.distill.v1.GetModelInfoRequest\x1a\x15.distill.v1.ModelInfo\x12Q\n\x0eGetSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a\x1f.distill.v1.SoftTargetsResponse\x12^\n\x11StreamSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a%.distill.v1.StreamSoftTargetsResponse(\x01\x30\x01\x12N\n\x0bReloadModel\x12\x1e.distill.v1.ReloadModelRequest\x1a\x1f.distill.v1.ReloadModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19protocol/v1/teacher.proto\x12\ndistill.v1\"J\n\x06Tensor\x12#\n\x05\x64type\x18\x01 \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.distill.v1.ModelSummary\"y\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05ready\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x08\x12\r\n\x05\x65rror\x18\x05 \x01(\t\x12\r\n\x05label\x18\x06 \x01(\t\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"#\n\x12ReloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"r\n\x13ReloadModelResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.distill.v1.ModelSummary\x12\x0e\n\x06loaded\x18\x03 \x03(\t\x12\x10\n\x08unloaded\x18\x04 \x03(\t\"\x7f\n\x08TaskInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x63lass_names\x18\x02 \x03(\t\x12\x1a\n\rtest_accuracy\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12\r\n\x05level\x18\x04 \x01(\t\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x42\x10\n\x0e_test_accuracy\"\xb9\x01\n\rTokenizerInfo\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x03\x12>\n\x0bspecial_ids\x18\x04 \x03(\x0b\x32).distill.v1.TokenizerInfo.SpecialIdsEntry\x1a\x31\n\x0fSpecialIdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\'\n\x08HintInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\xca\x04\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12#\n\x05tasks\x18\x03 \x03(\x0b\x32\x14.distill.v1.TaskInfo\x12\x13\n\x0binput_shape\x18\x04 \x03(\x03\x12)\n\x0binput_dtype\x18\x05 \x01(\x0e\x32\x14.distill.v1.DataType\x12\x33\n\x15\x61\x63\x63\x65pted_input_dtypes\x18\x06 \x03(\x0e\x32\x14.distill.v1.DataType\x12\x13\n\x0buint8_scale\x18\x07 \x01(\x01\x12#\n\x05hints\x18\x08 \x03(\x0b\x32\x14.distill.v1.HintInfo\x12\x16\n\x0emax_batch_size\x18\t \x01(\x03\x12\x13\n\x0b\x64\x65scription\x18\n \x01(\t\x12\x17\n\x0fparameter_count\x18\x0b \x01(\x03\x12\x12\n\ninput_kind\x18\x0c \x01(\t\x12\x12\n\nmax_length\x18\r \x01(\x03\x12\x12\n\nvocab_size\x18\x0e \x01(\x03\x12\x18\n\x10max_batch_tokens\x18\x0f \x01(\x03\x12,\n\ttokenizer\x18\x10 \x01(\x0b\x32\x19.distill.v1.TokenizerInfo\x12\x43\n\x10held_out_metrics\x18\x11 \x03(\x0b\x32).distill.v1.ModelInfo.HeldOutMetricsEntry\x1a\x35\n\x13HeldOutMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\";\n\x13GetTokenizerRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"J\n\x14GetTokenizerResponse\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\"\x80\x03\n\x12SoftTargetsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\r\n\x05tasks\x18\x03 \x03(\t\x12\x18\n\x0btemperature\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12&\n\x06output\x18\x05 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06inputs\x18\x06 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x10\n\x08\x62\x61tch_id\x18\x07 \x01(\t\x12\r\n\x05top_k\x18\x08 \x01(\r\x12*\n\x0coutput_dtype\x18\t \x01(\x0e\x32\x14.distill.v1.DataType\x12\r\n\x05hints\x18\n \x03(\t\x12#\n\x07lengths\x18\x0b \x01(\x0b\x32\x12.distill.v1.Tensor\x12&\n\nscored_ids\x18\x0c \x01(\x0b\x32\x12.distill.v1.Tensor\x12\x16\n\x0etokenizer_hash\x18\r \x01(\tB\x0e\n\x0c_temperature\"\xea\x01\n\nTaskOutput\x12\x0c\n\x04task\x18\x01 \x01(\t\x12$\n\x04kind\x18\x02 \x01(\x0e\x32\x16.distill.v1.OutputKind\x12\"\n\x06values\x18\x03 \x01(\x0b\x32\x12.distill.v1.Tensor\x12#\n\x07indices\x18\x04 \x01(\x0b\x32\x12.distill.v1.Tensor\x12%\n\ttail_mass\x18\x05 \x01(\x0b\x32\x12.distill.v1.Tensor\x12\r\n\x05level\x18\x06 \x01(\t\x12)\n\rscored_values\x18\x07 \x01(\x0b\x32\x12.distill.v1.Tensor\"?\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\"\n\x06tensor\x18\x02 \x01(\x0b\x32\x12.distill.v1.Tensor\"\xd8\x01\n\x13SoftTargetsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\'\n\x07outputs\x18\x05 \x03(\x0b\x32\x16.distill.v1.TaskOutput\x12&\n\x05hints\x18\x06 \x03(\x0b\x32\x17.distill.v1.NamedTensor\x12#\n\x07lengths\x18\x07 \x01(\x0b\x32\x12.distill.v1.Tensor\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\x94\x01\n\x19StreamSoftTargetsResponse\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x37\n\x0csoft_targets\x18\x02 \x01(\x0b\x32\x1f.distill.v1.SoftTargetsResponseH\x00\x12\"\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x11.distill.v1.ErrorH\x00\x42\x08\n\x06result*\x87\x01\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05UINT8\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05INT32\x10\x06\x12\x0b\n\x07\x46LOAT64\x10\x07\x12\n\n\x06UINT16\x10\t*O\n\nOutputKind\x12\x1b\n\x17OUTPUT_KIND_UNSPECIFIED\x10\x00\x12\t\n\x05PROBS\x10\x01\x12\r\n\tLOG_PROBS\x10\x02\x12\n\n\x06LOGITS\x10\x03\x32\xfb\x03\n\x0eTeacherService\x12K\n\nListModels\x12\x1d.distill.v1.ListModelsRequest\x1a\x1e.distill.v1.ListModelsResponse\x12\x46\n\x0cGetModelInfo\x12\x1f.distill.v1.GetModelInfoRequest\x1a\x15.distill.v1.ModelInfo\x12Q\n\x0eGetSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a\x1f.distill.v1.SoftTargetsResponse\x12^\n\x11StreamSoftTargets\x12\x1e.distill.v1.SoftTargetsRequest\x1a%.distill.v1.StreamSoftTargetsResponse(\x01\x30\x01\x12N\n\x0bReloadModel\x12\x1e.distill.v1.ReloadModelRequest\x1a\x1f.distill.v1.ReloadModelResponse\x12Q\n\x0cGetTokenizer\x12\x1f.distill.v1.GetTokenizerRequest\x1a .distill.v1.GetTokenizerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protocol.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1924
-  _globals['_DATATYPE']._serialized_end=2047
-  _globals['_OUTPUTKIND']._serialized_start=2049
-  _globals['_OUTPUTKIND']._serialized_end=2128
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._loaded_options = None
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_options = b'8\001'
+  _globals['_MODELINFO_HELDOUTMETRICSENTRY']._loaded_options = None
+  _globals['_MODELINFO_HELDOUTMETRICSENTRY']._serialized_options = b'8\001'
+  _globals['_DATATYPE']._serialized_start=2738
+  _globals['_DATATYPE']._serialized_end=2873
+  _globals['_OUTPUTKIND']._serialized_start=2875
+  _globals['_OUTPUTKIND']._serialized_end=2954
   _globals['_TENSOR']._serialized_start=41
   _globals['_TENSOR']._serialized_end=115
   _globals['_LISTMODELSREQUEST']._serialized_start=117
@@ -50,23 +54,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELOADMODELRESPONSE']._serialized_start=423
   _globals['_RELOADMODELRESPONSE']._serialized_end=537
   _globals['_TASKINFO']._serialized_start=539
-  _globals['_TASKINFO']._serialized_end=630
-  _globals['_HINTINFO']._serialized_start=632
-  _globals['_HINTINFO']._serialized_end=671
-  _globals['_MODELINFO']._serialized_start=674
-  _globals['_MODELINFO']._serialized_end=1004
-  _globals['_SOFTTARGETSREQUEST']._serialized_start=1007
-  _globals['_SOFTTARGETSREQUEST']._serialized_end=1290
-  _globals['_TASKOUTPUT']._serialized_start=1293
-  _globals['_TASKOUTPUT']._serialized_end=1469
-  _globals['_NAMEDTENSOR']._serialized_start=1471
-  _globals['_NAMEDTENSOR']._serialized_end=1534
-  _globals['_SOFTTARGETSRESPONSE']._serialized_start=1537
-  _globals['_SOFTTARGETSRESPONSE']._serialized_end=1716
-  _globals['_ERROR']._serialized_start=1718
-  _globals['_ERROR']._serialized_end=1771
-  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_start=1774
-  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_end=1922
-  _globals['_TEACHERSERVICE']._serialized_start=2131
-  _globals['_TEACHERSERVICE']._serialized_end=2555
+  _globals['_TASKINFO']._serialized_end=666
+  _globals['_TOKENIZERINFO']._serialized_start=669
+  _globals['_TOKENIZERINFO']._serialized_end=854
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_start=805
+  _globals['_TOKENIZERINFO_SPECIALIDSENTRY']._serialized_end=854
+  _globals['_HINTINFO']._serialized_start=856
+  _globals['_HINTINFO']._serialized_end=895
+  _globals['_MODELINFO']._serialized_start=898
+  _globals['_MODELINFO']._serialized_end=1484
+  _globals['_MODELINFO_HELDOUTMETRICSENTRY']._serialized_start=1431
+  _globals['_MODELINFO_HELDOUTMETRICSENTRY']._serialized_end=1484
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1486
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1545
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1547
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1621
+  _globals['_SOFTTARGETSREQUEST']._serialized_start=1624
+  _globals['_SOFTTARGETSREQUEST']._serialized_end=2008
+  _globals['_TASKOUTPUT']._serialized_start=2011
+  _globals['_TASKOUTPUT']._serialized_end=2245
+  _globals['_NAMEDTENSOR']._serialized_start=2247
+  _globals['_NAMEDTENSOR']._serialized_end=2310
+  _globals['_SOFTTARGETSRESPONSE']._serialized_start=2313
+  _globals['_SOFTTARGETSRESPONSE']._serialized_end=2529
+  _globals['_ERROR']._serialized_start=2531
+  _globals['_ERROR']._serialized_end=2584
+  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_start=2587
+  _globals['_STREAMSOFTTARGETSRESPONSE']._serialized_end=2735
+  _globals['_TEACHERSERVICE']._serialized_start=2957
+  _globals['_TEACHERSERVICE']._serialized_end=3464
 # @@protoc_insertion_point(module_scope)

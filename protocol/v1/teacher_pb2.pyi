@@ -17,6 +17,7 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INT64: _ClassVar[DataType]
     INT32: _ClassVar[DataType]
     FLOAT64: _ClassVar[DataType]
+    UINT16: _ClassVar[DataType]
 
 class OutputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ UINT8: DataType
 INT64: DataType
 INT32: DataType
 FLOAT64: DataType
+UINT16: DataType
 OUTPUT_KIND_UNSPECIFIED: OutputKind
 PROBS: OutputKind
 LOG_PROBS: OutputKind
@@ -100,14 +102,37 @@ class ReloadModelResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelSummary, _Mapping]]] = ..., loaded: _Optional[_Iterable[str]] = ..., unloaded: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TaskInfo(_message.Message):
-    __slots__ = ("name", "class_names", "test_accuracy")
+    __slots__ = ("name", "class_names", "test_accuracy", "level", "num_classes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    NUM_CLASSES_FIELD_NUMBER: _ClassVar[int]
     name: str
     class_names: _containers.RepeatedScalarFieldContainer[str]
     test_accuracy: float
-    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., test_accuracy: _Optional[float] = ...) -> None: ...
+    level: str
+    num_classes: int
+    def __init__(self, name: _Optional[str] = ..., class_names: _Optional[_Iterable[str]] = ..., test_accuracy: _Optional[float] = ..., level: _Optional[str] = ..., num_classes: _Optional[int] = ...) -> None: ...
+
+class TokenizerInfo(_message.Message):
+    __slots__ = ("file_name", "sha256", "vocab_size", "special_ids")
+    class SpecialIdsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SPECIAL_IDS_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    sha256: str
+    vocab_size: int
+    special_ids: _containers.ScalarMap[str, int]
+    def __init__(self, file_name: _Optional[str] = ..., sha256: _Optional[str] = ..., vocab_size: _Optional[int] = ..., special_ids: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class HintInfo(_message.Message):
     __slots__ = ("name", "shape")
@@ -118,7 +143,14 @@ class HintInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "model_version", "tasks", "input_shape", "input_dtype", "accepted_input_dtypes", "uint8_scale", "hints", "max_batch_size", "description", "parameter_count")
+    __slots__ = ("name", "model_version", "tasks", "input_shape", "input_dtype", "accepted_input_dtypes", "uint8_scale", "hints", "max_batch_size", "description", "parameter_count", "input_kind", "max_length", "vocab_size", "max_batch_tokens", "tokenizer", "held_out_metrics")
+    class HeldOutMetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +162,12 @@ class ModelInfo(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_KIND_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    HELD_OUT_METRICS_FIELD_NUMBER: _ClassVar[int]
     name: str
     model_version: str
     tasks: _containers.RepeatedCompositeFieldContainer[TaskInfo]
@@ -141,10 +179,34 @@ class ModelInfo(_message.Message):
     max_batch_size: int
     description: str
     parameter_count: int
-    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., uint8_scale: _Optional[float] = ..., hints: _Optional[_Iterable[_Union[HintInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    input_kind: str
+    max_length: int
+    vocab_size: int
+    max_batch_tokens: int
+    tokenizer: TokenizerInfo
+    held_out_metrics: _containers.ScalarMap[str, float]
+    def __init__(self, name: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[_Union[TaskInfo, _Mapping]]] = ..., input_shape: _Optional[_Iterable[int]] = ..., input_dtype: _Optional[_Union[DataType, str]] = ..., accepted_input_dtypes: _Optional[_Iterable[_Union[DataType, str]]] = ..., uint8_scale: _Optional[float] = ..., hints: _Optional[_Iterable[_Union[HintInfo, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., description: _Optional[str] = ..., parameter_count: _Optional[int] = ..., input_kind: _Optional[str] = ..., max_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ..., tokenizer: _Optional[_Union[TokenizerInfo, _Mapping]] = ..., held_out_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class GetTokenizerRequest(_message.Message):
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+
+class GetTokenizerResponse(_message.Message):
+    __slots__ = ("file_name", "sha256", "content")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    sha256: str
+    content: bytes
+    def __init__(self, file_name: _Optional[str] = ..., sha256: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SoftTargetsRequest(_message.Message):
-    __slots__ = ("model", "model_version", "tasks", "temperature", "output", "inputs", "batch_id", "top_k", "output_dtype", "hints")
+    __slots__ = ("model", "model_version", "tasks", "temperature", "output", "inputs", "batch_id", "top_k", "output_dtype", "hints", "lengths", "scored_ids", "tokenizer_hash")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +217,9 @@ class SoftTargetsRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     tasks: _containers.RepeatedScalarFieldContainer[str]
@@ -165,21 +230,28 @@ class SoftTargetsRequest(_message.Message):
     top_k: int
     output_dtype: DataType
     hints: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., output: _Optional[_Union[OutputKind, str]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., batch_id: _Optional[str] = ..., top_k: _Optional[int] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., hints: _Optional[_Iterable[str]] = ...) -> None: ...
+    lengths: Tensor
+    scored_ids: Tensor
+    tokenizer_hash: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., output: _Optional[_Union[OutputKind, str]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., batch_id: _Optional[str] = ..., top_k: _Optional[int] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., hints: _Optional[_Iterable[str]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., scored_ids: _Optional[_Union[Tensor, _Mapping]] = ..., tokenizer_hash: _Optional[str] = ...) -> None: ...
 
 class TaskOutput(_message.Message):
-    __slots__ = ("task", "kind", "values", "indices", "tail_mass")
+    __slots__ = ("task", "kind", "values", "indices", "tail_mass", "level", "scored_values")
     TASK_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
     INDICES_FIELD_NUMBER: _ClassVar[int]
     TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    SCORED_VALUES_FIELD_NUMBER: _ClassVar[int]
     task: str
     kind: OutputKind
     values: Tensor
     indices: Tensor
     tail_mass: Tensor
-    def __init__(self, task: _Optional[str] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., tail_mass: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    level: str
+    scored_values: Tensor
+    def __init__(self, task: _Optional[str] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., tail_mass: _Optional[_Union[Tensor, _Mapping]] = ..., level: _Optional[str] = ..., scored_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -190,20 +262,22 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SoftTargetsResponse(_message.Message):
-    __slots__ = ("model", "model_version", "batch_id", "temperature", "outputs", "hints")
+    __slots__ = ("model", "model_version", "batch_id", "temperature", "outputs", "hints", "lengths")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BATCH_ID_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     HINTS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     batch_id: str
     temperature: float
     outputs: _containers.RepeatedCompositeFieldContainer[TaskOutput]
     hints: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., batch_id: _Optional[str] = ..., temperature: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ..., hints: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    lengths: Tensor
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., batch_id: _Optional[str] = ..., temperature: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[TaskOutput, _Mapping]]] = ..., hints: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")

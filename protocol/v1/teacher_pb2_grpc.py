@@ -59,6 +59,11 @@ class TeacherServiceStub:
                 request_serializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.SerializeToString,
                 response_deserializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.FromString,
                 _registered_method=True)
+        self.GetTokenizer = channel.unary_unary(
+                '/distill.v1.TeacherService/GetTokenizer',
+                request_serializer=protocol_dot_v1_dot_teacher__pb2.GetTokenizerRequest.SerializeToString,
+                response_deserializer=protocol_dot_v1_dot_teacher__pb2.GetTokenizerResponse.FromString,
+                _registered_method=True)
 
 
 class TeacherServiceServicer:
@@ -99,6 +104,13 @@ class TeacherServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTokenizer(self, request, context):
+        """A sequence model's tokenizer file, whose hash is ModelInfo.tokenizer.sha256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TeacherServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -126,6 +138,11 @@ def add_TeacherServiceServicer_to_server(servicer, server):
                     servicer.ReloadModel,
                     request_deserializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.FromString,
                     response_serializer=protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.SerializeToString,
+            ),
+            'GetTokenizer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTokenizer,
+                    request_deserializer=protocol_dot_v1_dot_teacher__pb2.GetTokenizerRequest.FromString,
+                    response_serializer=protocol_dot_v1_dot_teacher__pb2.GetTokenizerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -263,6 +280,33 @@ class TeacherService:
             '/distill.v1.TeacherService/ReloadModel',
             protocol_dot_v1_dot_teacher__pb2.ReloadModelRequest.SerializeToString,
             protocol_dot_v1_dot_teacher__pb2.ReloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTokenizer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/distill.v1.TeacherService/GetTokenizer',
+            protocol_dot_v1_dot_teacher__pb2.GetTokenizerRequest.SerializeToString,
+            protocol_dot_v1_dot_teacher__pb2.GetTokenizerResponse.FromString,
             options,
             channel_credentials,
             insecure,

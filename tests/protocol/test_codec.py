@@ -292,3 +292,70 @@ def test_unknown_codes_and_statuses_become_internal() -> None:
     assert type(error_from_grpc_status(grpc.StatusCode.DATA_LOSS, "m")) is Internal
     assert type(error_from_grpc_status(grpc.StatusCode.CANCELLED, "m")) is Unavailable
     assert error_from_code("NOT_FOUND", "m").field == ""
+
+
+# --- UINT16: top-k indices of token-level tasks ---------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(array=hnp.arrays(np.uint16, SHAPES))
+def test_uint16_round_trip(array: np.ndarray) -> None:
+    tensor = codec.encode(array)
+    assert tensor.dtype == pb.UINT16
+    assert codec.dtype_name(tensor.dtype) == "uint16"
+    assert len(tensor.data) == 2 * array.size
+    decoded = codec.decode(pb.Tensor.FromString(tensor.SerializeToString()))
+    assert_same(decoded, array)
+
+
+@settings(max_examples=60, deadline=None)
+@given(indices=hnp.arrays(np.int64, SHAPES, elements=st.integers(0, 65_535)))
+def test_uint16_encodes_int64_indices_exactly(indices: np.ndarray) -> None:
+    """What the server does with a token-level task's int64 indices below 65,536."""
+    tensor = codec.encode(indices, pb.UINT16)
+    assert tensor.data == indices.astype("<u2").tobytes()
+    decoded = codec.decode(tensor)
+    assert decoded.dtype == np.uint16
+    np.testing.assert_array_equal(decoded.astype(np.int64), indices)
+
+
+def test_uint16_is_little_endian() -> None:
+    assert codec.encode(np.array([1, 65_535], dtype=np.uint16)).data == b"\x01\x00\xff\xff"
+    assert codec.decode(pb.Tensor(dtype=pb.UINT16, shape=[1], data=b"\x02\x01"))[0] == 258
+
+
+def test_uint16_byte_length_is_checked() -> None:
+    error = rejected(pb.Tensor(dtype=pb.UINT16, shape=[2], data=b"\x00" * 3))
+    assert error.field == "inputs.data"
+    assert "needs 4 bytes, got 3" in error.message
+
+
+@pytest.mark.parametrize(
+    ("classes", "token_level", "expected"),
+    [
+        (2, False, pb.UINT8),
+        (256, False, pb.UINT8),
+        (256, True, pb.UINT8),
+        (257, True, pb.UINT16),
+        (4096, True, pb.UINT16),
+        (65_536, True, pb.UINT16),
+        (65_537, True, pb.INT32),
+        (257, False, pb.INT32),  # sequence-level: the dtypes old clients know
+        (65_536, False, pb.INT32),
+    ],
+)
+def test_index_dtype_is_the_narrowest(classes: int, token_level: bool, expected: int) -> None:
+    assert codec.index_dtype(classes, token_level) == expected
+
+
+@settings(max_examples=100, deadline=None)
+@given(classes=st.integers(1, 1 << 20), token_level=st.booleans(), data=st.data())
+def test_index_dtype_holds_every_index(
+    classes: int, token_level: bool, data: st.DataObject
+) -> None:
+    dtype = codec.index_dtype(classes, token_level)
+    indices = np.array([0, classes - 1, data.draw(st.integers(0, classes - 1))], dtype=np.int64)
+    decoded = codec.decode(codec.encode(indices, dtype)).astype(np.int64)
+    np.testing.assert_array_equal(decoded, indices)
+    if not token_level:
+        assert dtype in (pb.UINT8, pb.INT32)
