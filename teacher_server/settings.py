@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(
         1024, ge=1, description="most samples in one request, and in one merged forward"
     )
+    max_batch_tokens: int = Field(
+        16384,
+        ge=1,
+        description="sequence models: most real tokens merged into one forward (and padded tokens "
+        "in one length bucket); a single larger request runs alone",
+    )
     max_queue_delay_ms: float = Field(
         2.0,
         ge=0,

@@ -159,7 +159,7 @@ def load_version(
         cls = import_architecture(config.architecture, allowed_prefixes)
     except ModelLoadError as error:
         raise ModelLoadError(f"{folder.path / CONFIG_FILE}: {error}") from error
-    tasks = {t.name: len(t.class_names) for t in config.tasks}
+    tasks = {t.name: t.num_classes for t in config.tasks}
     try:
         module = cls(tasks=tasks, **config.kwargs)
     except TypeError as error:

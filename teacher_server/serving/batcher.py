@@ -1,7 +1,8 @@
 """The dynamic batcher: merges requests from every client and transport into one forward.
 
 Requests wait in a bounded asyncio queue. The batcher's task takes the first waiting request, then
-keeps taking more until the merged batch would pass `max_batch_size` samples or
+keeps taking more until the merged batch would pass `max_batch_size` samples (or, for a sequence
+model, `max_batch_tokens` real tokens: a single larger request runs alone) or
 `max_queue_delay_ms` has passed, and runs the engine on one worker thread, so the event loop never
 blocks on a forward. Each request keeps its own tasks, temperature, output kind, top-k and dtype;
 results go back to each caller's future. Requests whose caller has gone (cancelled future) are
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from protocol.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
 from teacher_server.serving.engine import Engine
 from teacher_server.serving.schema import SoftTargets, ValidatedRequest
+from teacher_server.serving.sequence_engine import SequenceEngine
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,19 @@ class _Pending:
 class DynamicBatcher:
     def __init__(
         self,
-        engine: Engine,
+        engine: Engine | SequenceEngine,
         max_batch_size: int,
         max_queue_delay_ms: float,
         max_queue_size: int,
         on_forward: Callable[[int, int, float], None] | None = None,
+        max_batch_tokens: int = 0,
     ) -> None:
-        """`on_forward(requests, samples, seconds)` is called after each forward (metrics)."""
+        """`on_forward(requests, samples, seconds)` is called after each forward (metrics).
+        `max_batch_tokens`: most `ValidatedRequest.tokens` merged into one forward (0: no
+        budget; for sequence models)."""
         self.engine = engine
         self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay = max_queue_delay_ms / 1000.0
         self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
         self._carry: _Pending | None = None
@@ -116,14 +122,15 @@ class DynamicBatcher:
         first = self._carry or await self._queue.get()
         self._busy = True  # holding requests from here until their results are set
         self._carry = None
-        batch, samples = [first], first.request.batch_size
+        batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
+        budget = self.max_batch_tokens or None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_queue_delay
         if self._queue.empty() and self._lone:
             # The last forward held a single request too: no one to wait for, answer at once.
             # Under concurrency requests queue during each forward and merge without waiting.
             deadline = loop.time()
-        while samples < self.max_batch_size:
+        while samples < self.max_batch_size and (budget is None or tokens < budget):
             try:
                 if self._queue.empty():
                     remaining = deadline - loop.time()
@@ -134,11 +141,14 @@ class DynamicBatcher:
                     item = self._queue.get_nowait()
             except TimeoutError:
                 break
-            if samples + item.request.batch_size > self.max_batch_size:
+            if samples + item.request.batch_size > self.max_batch_size or (
+                budget is not None and tokens + item.request.tokens > budget
+            ):
                 self._carry = item  # first of the next forward: order is kept
                 break
             batch.append(item)
             samples += item.request.batch_size
+            tokens += item.request.tokens
         return [item for item in batch if not item.future.done()]  # drop callers that left
 
     async def _run(self) -> None:

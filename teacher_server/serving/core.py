@@ -18,10 +18,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
 from teacher_server.repository.default_teacher import ensure_default_teacher
-from teacher_server.repository.model_config import ModelLoadError
+from teacher_server.repository.model_config import ModelLoadError, file_sha256
 from teacher_server.repository.store import (
     LoadedModel,
     VersionFolder,
@@ -38,8 +39,10 @@ from teacher_server.serving.schema import (
     SoftTargets,
     SoftTargetsRequest,
     TaskInfo,
+    TokenizerInfo,
     VersionSummary,
 )
+from teacher_server.serving.sequence_engine import SequenceEngine
 from teacher_server.serving.validation import validate
 from teacher_server.settings import Settings
 
@@ -49,9 +52,10 @@ log = logging.getLogger(__name__)
 @dataclass
 class ServedVersion:
     loaded: LoadedModel
-    engine: Engine
+    engine: Engine | SequenceEngine
     batcher: DynamicBatcher
     info: ModelInfo
+    tokenizer_bytes: bytes = b""  # sequence models: the tokenizer file, checked at load
 
 
 @dataclass
@@ -68,12 +72,24 @@ def parameter_count(loaded: LoadedModel) -> int:
     return sum(parameter_count(member) for member in loaded.members)
 
 
-def model_info(loaded: LoadedModel, engine: Engine, max_batch_size: int) -> ModelInfo:
+def model_info(
+    loaded: LoadedModel,
+    engine: Engine | SequenceEngine,
+    max_batch_size: int,
+    max_batch_tokens: int = 0,
+) -> ModelInfo:
+    """What ModelInfo reports. Sequence models: their lengths, vocabulary, token budget,
+    tokenizer and held-out metrics; per-token hints have the shape of one token's row."""
     config = loaded.config
+    tokenizer = config.tokenizer
+    sequence = config.is_sequence_model
     return ModelInfo(
         name=config.name,
         model_version=loaded.version,
-        tasks=tuple(TaskInfo(t.name, t.class_names, t.test_accuracy) for t in config.tasks),
+        tasks=tuple(
+            TaskInfo(t.name, t.class_names, t.test_accuracy, t.level, t.num_classes)
+            for t in config.tasks
+        ),
         input_shape=config.input_shape,
         input_dtype=config.input_dtype,
         accepted_input_dtypes=accepted_input_dtypes(config.input_dtype),
@@ -85,7 +101,34 @@ def model_info(loaded: LoadedModel, engine: Engine, max_batch_size: int) -> Mode
         ready=True,
         max_value=config.max_value,
         members=config.members,
+        input_kind=config.input_kind,
+        max_length=config.input_shape[0] if sequence else 0,
+        vocab_size=(config.max_value or 0) if sequence else 0,
+        max_batch_tokens=max_batch_tokens if sequence else 0,
+        tokenizer=None
+        if tokenizer is None
+        else TokenizerInfo(
+            tokenizer.file, tokenizer.sha256, tokenizer.vocab_size, dict(tokenizer.special_ids)
+        ),
+        held_out_metrics=dict(config.held_out_metrics),
     )
+
+
+def read_tokenizer(folder: Path, loaded: LoadedModel) -> bytes:
+    """A sequence model's tokenizer file, whose sha256 must be the config's (b"" if none)."""
+    tokenizer = loaded.config.tokenizer
+    if tokenizer is None:
+        return b""
+    path = folder / tokenizer.file
+    if not path.is_file():
+        raise ModelLoadError(f"model {loaded.config.name!r}: tokenizer file {path} is missing")
+    data = path.read_bytes()
+    if file_sha256(data) != tokenizer.sha256:
+        raise ModelLoadError(
+            f"model {loaded.config.name!r}: tokenizer file {path} has hash {file_sha256(data)} "
+            f"but config.json says {tokenizer.sha256}"
+        )
+    return data
 
 
 class TeacherCore:
@@ -108,15 +151,21 @@ class TeacherCore:
 
     # ---- loading -------------------------------------------------------------------------
 
-    def _serve(self, loaded: LoadedModel) -> ServedVersion:
+    def _serve(self, loaded: LoadedModel, folder: Path) -> ServedVersion:
         name, metrics = loaded.config.name, self.metrics
+        sequence = loaded.config.is_sequence_model
+        tokenizer_bytes = read_tokenizer(folder, loaded)
+        engine: Engine | SequenceEngine
         try:
             chunk = self.settings.forward_chunk
             # runs a zero sample through the model if it has hints, and times a probe batch
             layout = {"auto": None, "on": True, "off": False}[self.settings.channels_last]
-            engine = Engine(
-                loaded, None if chunk < 0 else chunk, self.settings.forward_workers, layout
-            )
+            if sequence:  # two short forwards find the hints' shapes
+                engine = SequenceEngine(loaded, self.settings.max_batch_tokens)
+            else:
+                engine = Engine(
+                    loaded, None if chunk < 0 else chunk, self.settings.forward_workers, layout
+                )
             log.info("model %r: forward in %s", loaded.config.name, engine.describe_forward())
         except ModelLoadError:
             raise
@@ -134,9 +183,12 @@ class TeacherCore:
             on_forward=lambda requests, samples, seconds: metrics.observe_forward(
                 name, requests, samples, seconds
             ),
+            max_batch_tokens=self.settings.max_batch_tokens if sequence else 0,
         )
         metrics.model_loads.labels(name, "ok").inc()
-        info = model_info(loaded, engine, self.settings.max_batch_size)
+        info = model_info(
+            loaded, engine, self.settings.max_batch_size, self.settings.max_batch_tokens
+        )
         accuracy = ", ".join(
             f"{t.name} {t.test_accuracy:.4f}" for t in info.tasks if t.test_accuracy is not None
         )
@@ -148,7 +200,7 @@ class TeacherCore:
             loaded.device,
             accuracy or "unknown",
         )
-        return ServedVersion(loaded, engine, batcher, info)
+        return ServedVersion(loaded, engine, batcher, info, tokenizer_bytes)
 
     def _member(self, name: str) -> LoadedModel:
         """An ensemble member: the default version of a served model."""
@@ -161,14 +213,15 @@ class TeacherCore:
         current = self.models.get(name, ServedModel()).versions
         served: dict[str, ServedVersion] = {}
         for folder in folders:
-            if read_config(folder)[0].is_sequence_model:
-                raise ModelLoadError(
-                    f"model {name!r}: sequence models (input kind tokens) are not served yet"
-                )
             loaded = load_version(
                 folder, self.device, self.settings.allowed_architectures, self._member
             )
-            served[loaded.version] = current.get(loaded.version) or self._serve(loaded)
+            if any(member.config.is_sequence_model for member in loaded.members):
+                raise ModelLoadError(
+                    f"model {name!r}: ensembles of sequence models are not served (the engine "
+                    "averages fixed-shape members only); serve the members on their own"
+                )
+            served[loaded.version] = current.get(loaded.version) or self._serve(loaded, folder.path)
         return served
 
     def load(self) -> None:
@@ -351,6 +404,18 @@ class TeacherCore:
                 "model_version",
             )
         return served.versions[model_version]
+
+    def tokenizer_file(self, name: str, model_version: str = "") -> tuple[TokenizerInfo, bytes]:
+        """The tokenizer a sequence model's ids come from, and its file's bytes (as checked
+        against config.json's sha256 at load). Raises `NotFound` / `FailedPrecondition` as
+        `model_info` does, and `FailedPrecondition` for a model without a tokenizer."""
+        served = self._resolve(name, model_version)
+        if served.info.tokenizer is None:
+            raise FailedPrecondition(
+                f"model: {name!r} has no tokenizer (input kind {served.info.input_kind!r})",
+                "model",
+            )
+        return served.info.tokenizer, served.tokenizer_bytes
 
     async def soft_targets(
         self, request: SoftTargetsRequest, timeout: float | None = None, transport: str = "grpc"

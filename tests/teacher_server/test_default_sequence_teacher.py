@@ -1,5 +1,5 @@
 """The default sequence teacher's small run gives a loadable folder; sequence configs parse (or
-fail naming the field); the server refuses to serve a sequence model, and serves the others."""
+fail naming the field); the server serves a sequence model beside the others."""
 
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def test_token_level_tasks_need_token_input() -> None:
         parse_config(raw, "c.json")
 
 
-def test_the_server_refuses_a_sequence_model_and_serves_the_others(
+def test_the_server_serves_a_sequence_model_beside_the_others(
     trained: tuple[Path, dict[str, float]],
 ) -> None:
     root = trained[0].parent
@@ -203,7 +203,6 @@ def test_the_server_refuses_a_sequence_model_and_serves_the_others(
     save_model(root / "bag", other, TokenClassifier({"topic": 2}, 50, 8))
     core = TeacherCore(Settings(model_repository=root, train_default_if_missing=False))
     core.load()
-    assert set(core.models) == {"bag"}
-    assert core.failures[NAME] == (
-        f"model {NAME!r}: sequence models (input kind tokens) are not served yet"
-    )
+    assert set(core.models) == {"bag", NAME} and not core.failures
+    assert core.model_info(NAME).input_kind == "tokens"
+    assert core.model_info("bag").input_kind == "tensor"
