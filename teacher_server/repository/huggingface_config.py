@@ -11,7 +11,8 @@ Safety: the folder is read locally only, its weights must be safetensors (a fold
 remote code is refused (`trust_remote_code` is never set).
 
 Served today: image classifiers. Sequence models (causal LMs, sequence and token classifiers) get
-their config but are refused at load until the sequence engine serves them.
+their config but are refused at load until their adapters and tokenizer files are checked end to
+end against the core's sequence engine.
 """
 
 from __future__ import annotations
@@ -147,8 +148,9 @@ def load_huggingface(folder: Path, config: ModelConfig) -> tuple[nn.Module, byte
     (the image processor config, then the weights). Sequence models are refused for now."""
     if config.is_sequence_model:
         raise ModelLoadError(
-            f"{folder}: {config.description} is a sequence model; sequence models are not served "
-            "yet (image classifiers are)"
+            f"{folder}: {config.description} is a sequence model; Hugging Face sequence models "
+            "are not served yet (image classifiers are; the adapters and tokenizer files still "
+            "need an end-to-end check against the sequence engine)"
         )
     processor = folder / PROCESSOR_FILE
     if not processor.is_file():
