@@ -16,7 +16,13 @@ from protocol import codec
 from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
 from teacher_server.http_errors import invalid_argument
-from teacher_server.serving.schema import ModelInfo, SoftTargets, SoftTargetsRequest, VersionSummary
+from teacher_server.serving.schema import (
+    ModelInfo,
+    SoftTargets,
+    SoftTargetsRequest,
+    TokenizerInfo,
+    VersionSummary,
+)
 
 _KIND_FROM_PB = {
     pb.OUTPUT_KIND_UNSPECIFIED: "probs",
@@ -43,6 +49,11 @@ def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTa
     if not message.HasField("inputs"):
         raise InvalidArgument("inputs: missing", "inputs")
     codec.refuse_bfloat16_inputs(message.inputs.dtype, "inputs.dtype")
+    lengths = scored_ids = None
+    if message.HasField("lengths"):
+        lengths = codec.decode(message.lengths, "lengths", max_elements)
+    if message.HasField("scored_ids"):
+        scored_ids = codec.decode(message.scored_ids, "scored_ids", max_elements)
     return SoftTargetsRequest(
         model=message.model,
         inputs=codec.decode(message.inputs, "inputs", max_elements),
@@ -54,6 +65,9 @@ def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTa
         top_k=message.top_k,
         output_dtype=_OUTPUT_DTYPE_FROM_PB[message.output_dtype],
         hints=tuple(message.hints),
+        lengths=lengths,
+        scored_ids=scored_ids,
+        tokenizer_hash=message.tokenizer_hash,
     )
 
 
@@ -65,15 +79,17 @@ def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
             task=task.task,
             kind=_KIND_TO_PB[task.kind],
             values=codec.encode(task.values, output_dtype),
+            level=task.level,
         )
         if task.indices is not None:
-            # The narrowest integer type that holds every class index: UINT8 up to 256 classes.
-            narrow = np.uint8 if task.classes <= 256 else np.int32
-            output.indices.CopyFrom(codec.encode(task.indices.astype(narrow)))
+            index_dtype = codec.index_dtype(task.classes, task.level == "token")
+            output.indices.CopyFrom(codec.encode(task.indices, index_dtype))
         if task.tail_mass is not None:
             output.tail_mass.CopyFrom(codec.encode(task.tail_mass))
+        if task.scored_values is not None:
+            output.scored_values.CopyFrom(codec.encode(task.scored_values, output_dtype))
         outputs.append(output)
-    return pb.SoftTargetsResponse(
+    response = pb.SoftTargetsResponse(
         model=result.model,
         model_version=result.model_version,
         batch_id=result.batch_id,
@@ -81,6 +97,9 @@ def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
         outputs=outputs,
         hints=[pb.NamedTensor(name=n, tensor=codec.encode(v)) for n, v in result.hints.items()],
     )
+    if result.lengths is not None:
+        response.lengths.CopyFrom(codec.encode(result.lengths, pb.INT64))
+    return response
 
 
 def summary_to_pb(summary: VersionSummary) -> pb.ModelSummary:
@@ -95,11 +114,17 @@ def summary_to_pb(summary: VersionSummary) -> pb.ModelSummary:
 
 
 def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(
+    message = pb.ModelInfo(
         name=info.name,
         model_version=info.model_version,
         tasks=[
-            pb.TaskInfo(name=t.name, class_names=t.class_names, test_accuracy=t.test_accuracy)
+            pb.TaskInfo(
+                name=t.name,
+                class_names=t.class_names,
+                test_accuracy=t.test_accuracy,
+                level=t.level,
+                num_classes=t.num_classes or len(t.class_names),
+            )
             for t in info.tasks
         ],
         input_shape=info.input_shape,
@@ -110,6 +135,23 @@ def model_info_to_pb(info: ModelInfo) -> pb.ModelInfo:
         max_batch_size=info.max_batch_size,
         description=info.description,
         parameter_count=info.parameter_count,
+        input_kind=info.input_kind,
+        max_length=info.max_length,
+        vocab_size=info.vocab_size,
+        max_batch_tokens=info.max_batch_tokens,
+        held_out_metrics=info.held_out_metrics,
+    )
+    if info.tokenizer is not None:
+        message.tokenizer.CopyFrom(tokenizer_info_to_pb(info.tokenizer))
+    return message
+
+
+def tokenizer_info_to_pb(tokenizer: TokenizerInfo) -> pb.TokenizerInfo:
+    return pb.TokenizerInfo(
+        file_name=tokenizer.file_name,
+        sha256=tokenizer.sha256,
+        vocab_size=tokenizer.vocab_size,
+        special_ids=tokenizer.special_ids,
     )
 
 
@@ -138,11 +180,14 @@ class SoftTargetsBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     inputs: list[Any] = Field(
-        description="the batch as nested lists, shape [N, *input_shape]; or flat, with `shape`"
+        description="the batch as nested lists, shape [N, *input_shape]; or flat, with `shape`; "
+        "sequence models: padded ids [N, L] or packed ids [sum(lengths)], with `lengths`"
     )
     shape: list[int] | None = Field(None, description="reshape a flat `inputs` list to this shape")
     dtype: str = Field(
-        "float32", description="element type of `inputs`: float32, float16, uint8, int64"
+        "float32",
+        description="element type of `inputs`: float32, float16, uint8, int64, int32; "
+        "int64 by default when `lengths` is given",
     )
     tasks: list[str] = Field(default_factory=list, description="tasks to return; empty: all")
     temperature: float = Field(1.0, strict=True, description="softmax temperature T > 0")
@@ -152,20 +197,36 @@ class SoftTargetsBody(BaseModel):
     top_k: int = Field(0, ge=0, description="0: dense; k: the k largest classes per row")
     output_dtype: str = Field("float32", description="float32, float16 or bfloat16 rounding")
     hints: list[str] = Field(default_factory=list, description="intermediate features to return")
+    lengths: list[int] | None = Field(
+        None, description="sequence models: the real length of each sequence, [N]"
+    )
+    scored_ids: list[Any] | None = Field(
+        None, description="sequence models: [sum(lengths), m] ids to score per real token"
+    )
+    tokenizer_hash: str = Field(
+        "", description="sequence models: sha256:<hex> of the tokenizer the ids came from"
+    )
+
+
+def _json_array(values: list[Any], dtype_name: str, field: str) -> np.ndarray:
+    """Nested JSON lists as an array of `dtype_name`, refusing values the cast would change."""
+    try:
+        # Parsed as float64 first: JSON numbers are doubles; the cast below must not change one.
+        parsed = np.asarray(values, dtype=np.float64)
+    except (ValueError, TypeError, OverflowError) as error:
+        raise InvalidArgument(
+            f"{field}: not a rectangular array of numbers ({error})", field
+        ) from None
+    dtype = np.dtype(dtype_name)
+    codec.check_json_cast(parsed, dtype, field, dtype_name)
+    return parsed.astype(dtype)
 
 
 def _inputs_array(body: SoftTargetsBody) -> np.ndarray:
-    codec.refuse_bfloat16_inputs(codec.parse_dtype_name(body.dtype, "dtype"), "dtype")
-    try:
-        # Parsed as float64 first: JSON numbers are doubles; the cast below must not change one.
-        parsed = np.asarray(body.inputs, dtype=np.float64)
-    except (ValueError, TypeError, OverflowError) as error:
-        raise InvalidArgument(
-            f"inputs: not a rectangular array of numbers ({error})", "inputs"
-        ) from None
-    dtype = np.dtype(body.dtype)
-    codec.check_json_cast(parsed, dtype, "inputs", body.dtype)
-    array = parsed.astype(dtype)
+    # Token ids by default when the body has `lengths`: a sequence model's request.
+    dtype = body.dtype if "dtype" in body.model_fields_set or body.lengths is None else "int64"
+    codec.refuse_bfloat16_inputs(codec.parse_dtype_name(dtype, "dtype"), "dtype")
+    array = _json_array(body.inputs, dtype, "inputs")
     if body.shape is not None:
         count = codec.element_count(body.shape, "inputs", codec.DEFAULT_MAX_ELEMENTS)
         if array.size != count:
@@ -193,20 +254,32 @@ def request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
         top_k=body.top_k,
         output_dtype=body.output_dtype,
         hints=tuple(body.hints),
+        lengths=None if body.lengths is None else np.asarray(body.lengths, dtype=np.int64),
+        scored_ids=None
+        if body.scored_ids is None
+        else _json_array(body.scored_ids, "int64", "scored_ids"),
+        tokenizer_hash=body.tokenizer_hash,
     )
 
 
 def soft_targets_json(result: SoftTargets) -> dict[str, Any]:
-    """The JSON answer: per task `kind`, `values` (and `indices`, `tail_mass` for top-k)."""
+    """The JSON answer: per task `kind`, `level`, `values` (and `indices`, `tail_mass` for top-k,
+    `scored_values` for scored ids); `lengths` for sequence requests."""
     outputs: dict[str, Any] = {}
     for task in result.outputs:
-        entry: dict[str, Any] = {"kind": task.kind, "values": task.values.tolist()}
+        entry: dict[str, Any] = {
+            "kind": task.kind,
+            "level": task.level,
+            "values": task.values.tolist(),
+        }
         if task.indices is not None:
             entry["indices"] = task.indices.tolist()
         if task.tail_mass is not None:
             entry["tail_mass"] = task.tail_mass.tolist()
+        if task.scored_values is not None:
+            entry["scored_values"] = task.scored_values.tolist()
         outputs[task.task] = entry
-    return {
+    body: dict[str, Any] = {
         "model": result.model,
         "model_version": result.model_version,
         "batch_id": result.batch_id,
@@ -214,3 +287,6 @@ def soft_targets_json(result: SoftTargets) -> dict[str, Any]:
         "outputs": outputs,
         "hints": {name: value.tolist() for name, value in result.hints.items()},
     }
+    if result.lengths is not None:
+        body["lengths"] = result.lengths.tolist()
+    return body

@@ -48,6 +48,14 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     ) -> pb.ModelInfo:
         return convert.model_info_to_pb(self._core.model_info(request.model, request.model_version))
 
+    async def GetTokenizer(
+        self, request: pb.GetTokenizerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetTokenizerResponse:
+        tokenizer, content = self._core.tokenizer_file(request.model, request.model_version)
+        return pb.GetTokenizerResponse(
+            file_name=tokenizer.file_name, sha256=tokenizer.sha256, content=content
+        )
+
     async def ReloadModel(
         self, request: pb.ReloadModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ReloadModelResponse:

@@ -23,6 +23,7 @@ from teacher_server.serving.core import TeacherCore
 from teacher_server.v1 import convert
 
 TIMEOUT_HEADER = "x-request-timeout"
+TOKENIZER_SHA256_HEADER = "x-tokenizer-sha256"
 
 
 def _timeout(request: Request) -> float | None:
@@ -71,6 +72,25 @@ def create_v1_router(core: TeacherCore, max_message_bytes: int) -> APIRouter:
         """Tasks (class names, held-out accuracy), input shape and dtypes, version, hints; of the
         default version, or of `?model_version=sha256:...`."""
         return asdict(core.model_info(model, model_version))
+
+    @router.get(
+        "/v1/models/{model}/tokenizer",
+        tags=["models"],
+        response_class=Response,
+        responses={200: {"content": {"application/json": {}}}},
+    )
+    async def get_tokenizer(model: str, model_version: str = "") -> Response:
+        """A sequence model's tokenizer file, as stored (`tokenizer.json`), with its
+        `sha256:<hex>` in `X-Tokenizer-Sha256` (the same as the model info's `tokenizer.sha256`)."""
+        tokenizer, content = core.tokenizer_file(model, model_version)
+        return Response(
+            content,
+            media_type="application/json",
+            headers={
+                TOKENIZER_SHA256_HEADER: tokenizer.sha256,
+                "content-disposition": f'attachment; filename="{tokenizer.file_name}"',
+            },
+        )
 
     @router.post("/v1/models/{model}/reload", tags=["models"])
     async def reload_model(model: str) -> dict[str, Any]:
