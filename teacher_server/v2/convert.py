@@ -6,8 +6,10 @@ docs/v2-protocol.md):
 
 - one v2 model per served model; its versions are the served `model_version`s (`sha256:...`),
   also reachable by their labels (version subfolder names, e.g. "2"); no version: the default;
-- one input tensor, named `inputs`, shape `[N, *input_shape]`;
-- one output per task, named after the task, FP32 `[N, classes]`; requested outputs select tasks
+- one input tensor, named `inputs`, shape `[N, *input_shape]`; for a sequence model padded ids
+  `[N, L]` and a second input, `lengths` `[N]`;
+- one output per task, named after the task, FP32 `[N, classes]` (a token-level task: one row per
+  real token, `[sum(lengths), classes]`); requested outputs select tasks
   (none requested: every task); an output named `hint:<name>` returns that hint (only if named);
 - request parameters `temperature` (number, default 1) and `output` (`probs`, `log_probs`,
   `logits`; default `probs`), echoed in the response's parameters; `timeout` (microseconds, as
@@ -33,6 +35,7 @@ from protocol.errors import InvalidArgument
 from teacher_server.serving.schema import SoftTargets, SoftTargetsRequest
 
 INPUT_NAME: Final = "inputs"
+LENGTHS_NAME: Final = "lengths"  # sequence models: the second input, each sequence's length
 HINT_PREFIX: Final = "hint:"
 OUTPUT_DATATYPE: Final = "FP32"
 
@@ -89,9 +92,13 @@ class DecodedInfer:
 
 
 def check_input_names(names: Sequence[object]) -> None:
+    """One input named `inputs`, or (sequence models) two: `inputs` and `lengths`, either order."""
+    if len(names) == 2 and set(names) == {INPUT_NAME, LENGTHS_NAME}:
+        return
     if len(names) != 1:
         raise InvalidArgument(
-            f"inputs: expected exactly one input tensor named {INPUT_NAME!r}, got {len(names)}",
+            f"inputs: expected exactly one input tensor named {INPUT_NAME!r} (and, for a sequence "
+            f"model, one named {LENGTHS_NAME!r}), got {len(names)}",
             "inputs",
         )
     if names[0] != INPUT_NAME:
@@ -101,23 +108,23 @@ def check_input_names(names: Sequence[object]) -> None:
         )
 
 
-def numpy_dtype(datatype: object) -> np.dtype:
+def numpy_dtype(datatype: object, where: str = INPUT_NAME) -> np.dtype:
     try:
         return DATATYPES[datatype]  # type: ignore[index]
     except (KeyError, TypeError):
         raise InvalidArgument(
-            f"inputs.datatype: unsupported datatype {datatype!r}; expected one of "
+            f"{where}.datatype: unsupported datatype {datatype!r}; expected one of "
             f"{list(DATATYPES)}",
-            "inputs.datatype",
+            f"{where}.datatype",
         ) from None
 
 
-def parse_shape(value: Any) -> tuple[int, ...]:
+def parse_shape(value: Any, where: str = INPUT_NAME) -> tuple[int, ...]:
     if not isinstance(value, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in value
     ):
         raise InvalidArgument(
-            f"inputs.shape: expected a list of integers, got {value!r}", "inputs.shape"
+            f"{where}.shape: expected a list of integers, got {value!r}", f"{where}.shape"
         )
     return tuple(value)
 
@@ -196,8 +203,10 @@ def soft_targets_request(
     parameters: Mapping[str, Parameter | None],
     inputs: np.ndarray,
     outputs: Sequence[str],
+    lengths: np.ndarray | None = None,
 ) -> SoftTargetsRequest:
-    """The core's request for a decoded v2 request; `outputs` are the requested output names."""
+    """The core's request for a decoded v2 request; `outputs` are the requested output names;
+    `lengths` the `lengths` input of a sequence model's request."""
     _check_parameter_names(parameters)
     temperature = (
         _number(parameters[TEMPERATURE], TEMPERATURE) if TEMPERATURE in parameters else 1.0
@@ -217,6 +226,7 @@ def soft_targets_request(
         batch_id=request_id,
         model_version=version,
         hints=tuple(name[len(HINT_PREFIX) :] for name in outputs if name.startswith(HINT_PREFIX)),
+        lengths=lengths,
     )
 
 

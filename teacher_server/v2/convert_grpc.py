@@ -50,32 +50,39 @@ def parameter_to_pb(value: convert.Parameter) -> pb.InferParameter:
     return pb.InferParameter(string_param=value)
 
 
-def _grpc_input(message: pb.ModelInferRequest, max_elements: int) -> np.ndarray:
+def _grpc_inputs(message: pb.ModelInferRequest, max_elements: int) -> dict[str, np.ndarray]:
+    """The input arrays by name: `inputs`, and `lengths` for a sequence model."""
     convert.check_input_names([tensor.name for tensor in message.inputs])
-    tensor = message.inputs[0]
-    dtype = convert.numpy_dtype(tensor.datatype)
-    shape = tuple(int(d) for d in tensor.shape)
-    count = codec.element_count(shape, "inputs", max_elements)
-    if message.raw_input_contents:
-        if len(message.raw_input_contents) != 1:
-            raise InvalidArgument(
-                "raw_input_contents: expected one entry per input (1), got "
-                f"{len(message.raw_input_contents)}",
-                "raw_input_contents",
-            )
-        return convert.array_from_bytes(
-            message.raw_input_contents[0], dtype, shape, count, "raw_input_contents"
-        )
-    contents_field = _CONTENTS_FIELD.get(tensor.datatype)
-    if contents_field is None:
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
         raise InvalidArgument(
-            f"inputs.contents: {tensor.datatype} has no typed contents; send raw_input_contents",
-            "inputs.contents",
+            f"raw_input_contents: expected one entry per input ({len(message.inputs)}), got "
+            f"{len(raw)}",
+            "raw_input_contents",
         )
-    values = list(getattr(tensor.contents, contents_field))
-    return convert.array_from_values(
-        values, dtype, shape, count, f"inputs.contents.{contents_field}"
-    )
+    arrays = {}
+    for index, tensor in enumerate(message.inputs):
+        where = tensor.name  # `inputs` or `lengths`
+        dtype = convert.numpy_dtype(tensor.datatype, where)
+        shape = tuple(int(d) for d in tensor.shape)
+        count = codec.element_count(shape, where, max_elements)
+        if raw:
+            arrays[where] = convert.array_from_bytes(
+                raw[index], dtype, shape, count, "raw_input_contents"
+            )
+            continue
+        contents_field = _CONTENTS_FIELD.get(tensor.datatype)
+        if contents_field is None:
+            raise InvalidArgument(
+                f"{where}.contents: {tensor.datatype} has no typed contents; send "
+                "raw_input_contents",
+                f"{where}.contents",
+            )
+        values = list(getattr(tensor.contents, contents_field))
+        arrays[where] = convert.array_from_values(
+            values, dtype, shape, count, f"{where}.contents.{contents_field}"
+        )
+    return arrays
 
 
 def decode_grpc_infer(
@@ -84,11 +91,17 @@ def decode_grpc_infer(
     """Decode a `ModelInferRequest` (data from raw_input_contents or the typed contents);
     `model_version` is the version its `model_version` resolved to ("": the default)."""
     parameters = parameters_from_pb(message.parameters)
-    array = _grpc_input(message, max_elements)
+    arrays = _grpc_inputs(message, max_elements)
     names = [output.name for output in message.outputs]
     return convert.DecodedInfer(
         request=convert.soft_targets_request(
-            message.model_name, model_version, message.id, parameters, array, names
+            message.model_name,
+            model_version,
+            message.id,
+            parameters,
+            arrays[convert.INPUT_NAME],
+            names,
+            arrays.get(convert.LENGTHS_NAME),
         ),
         timeout=convert.timeout_seconds(parameters),
     )

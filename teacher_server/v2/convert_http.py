@@ -59,38 +59,41 @@ def _json_parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 def _http_input(entry: Any, binary: bytes, max_elements: int) -> tuple[np.ndarray, int]:
-    """The input array of one JSON input entry, and how many bytes of `binary` it used."""
+    """The input array of one JSON input entry (named `inputs`, or a sequence model's `lengths`),
+    and how many bytes of `binary` (the binary data after the previous inputs') it used."""
     if not isinstance(entry, dict):
         raise InvalidArgument(f"inputs: expected an object, got {entry!r}", "inputs")
-    dtype = convert.numpy_dtype(entry.get("datatype"))
-    shape = convert.parse_shape(entry.get("shape"))
-    count = codec.element_count(shape, "inputs", max_elements)
-    parameters = _json_parameters(entry.get("parameters"), "inputs.parameters")
+    where = entry["name"]  # checked by `convert.check_input_names`: `inputs` or `lengths`
+    dtype = convert.numpy_dtype(entry.get("datatype"), where)
+    shape = convert.parse_shape(entry.get("shape"), where)
+    count = codec.element_count(shape, where, max_elements)
+    parameters = _json_parameters(entry.get("parameters"), f"{where}.parameters")
     if any(key.startswith("shared_memory") for key in parameters):
         raise InvalidArgument(
-            "inputs.parameters: shared memory is not supported; send the data", "inputs.parameters"
+            f"{where}.parameters: shared memory is not supported; send the data",
+            f"{where}.parameters",
         )
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= len(binary):
             raise InvalidArgument(
-                f"inputs.parameters.binary_data_size: {size!r} is not a byte count within the "
+                f"{where}.parameters.binary_data_size: {size!r} is not a byte count within the "
                 f"{len(binary)} binary bytes after the JSON header",
-                "inputs.parameters.binary_data_size",
+                f"{where}.parameters.binary_data_size",
             )
-        return convert.array_from_bytes(binary[:size], dtype, shape, count, "inputs.data"), size
+        return convert.array_from_bytes(binary[:size], dtype, shape, count, f"{where}.data"), size
     if "data" not in entry:
         raise InvalidArgument(
-            "inputs.data: missing; give `data`, or the bytes after the JSON header with "
+            f"{where}.data: missing; give `data`, or the bytes after the JSON header with "
             "parameters.binary_data_size",
-            "inputs.data",
+            f"{where}.data",
         )
     data = entry["data"]
     if not isinstance(data, list):
         raise InvalidArgument(
-            f"inputs.data: expected a list, got {type(data).__name__}", "inputs.data"
+            f"{where}.data: expected a list, got {type(data).__name__}", f"{where}.data"
         )
-    return convert.array_from_values(data, dtype, shape, count, "inputs.data"), 0
+    return convert.array_from_values(data, dtype, shape, count, f"{where}.data"), 0
 
 
 def _binary_flag(value: Any, where: str) -> bool:
@@ -112,7 +115,10 @@ def decode_http_infer(
     convert.check_input_names(
         [entry.get("name") if isinstance(entry, dict) else entry for entry in inputs]
     )
-    array, used = _http_input(inputs[0], binary, max_elements)
+    arrays, used = {}, 0
+    for entry in inputs:  # binary data follows the header in the order of the inputs
+        arrays[entry["name"]], size = _http_input(entry, binary[used:], max_elements)
+        used += size
     if used != len(binary):
         raise InvalidArgument(
             f"body: {len(binary) - used} bytes after the JSON header belong to no input "
@@ -149,7 +155,15 @@ def decode_http_infer(
     if not isinstance(request_id, str):
         raise InvalidArgument(f"id: expected a string, got {request_id!r}", "id")
     return convert.DecodedInfer(
-        request=convert.soft_targets_request(model, version, request_id, parameters, array, names),
+        request=convert.soft_targets_request(
+            model,
+            version,
+            request_id,
+            parameters,
+            arrays[convert.INPUT_NAME],
+            names,
+            arrays.get(convert.LENGTHS_NAME),
+        ),
         timeout=convert.timeout_seconds(parameters),
         binary_outputs=binary_outputs,
         binary_default=binary_default,

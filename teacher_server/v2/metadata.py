@@ -9,7 +9,7 @@ from typing import Any, Final
 from protocol.errors import NotFound
 from teacher_server.serving.core import TeacherCore
 from teacher_server.serving.schema import ModelInfo, VersionSummary
-from teacher_server.v2.convert import DATATYPE_OF_NUMPY, INPUT_NAME, OUTPUT_DATATYPE
+from teacher_server.v2.convert import DATATYPE_OF_NUMPY, INPUT_NAME, LENGTHS_NAME, OUTPUT_DATATYPE
 
 PLATFORM: Final = "pytorch"
 SERVER_NAME: Final = "distill-teacher"
@@ -55,24 +55,31 @@ def served_versions(core: TeacherCore, model: str) -> list[str]:
     return [s.model_version for s in core.list_models() if s.name == model and s.model_version]
 
 
-def _input_metadata(info: ModelInfo) -> dict[str, Any]:
-    return {
-        "name": INPUT_NAME,
-        "datatype": DATATYPE_OF_NUMPY[info.input_dtype],
-        "shape": [-1, *info.input_shape],
-    }
+def _inputs_metadata(info: ModelInfo) -> list[dict[str, Any]]:
+    datatype = DATATYPE_OF_NUMPY[info.input_dtype]
+    if info.input_kind == "tokens":  # padded ids [N, L], L up to max_length, and the lengths
+        return [
+            {"name": INPUT_NAME, "datatype": datatype, "shape": [-1, -1]},
+            {"name": LENGTHS_NAME, "datatype": "INT64", "shape": [-1]},
+        ]
+    return [{"name": INPUT_NAME, "datatype": datatype, "shape": [-1, *info.input_shape]}]
 
 
 def model_metadata(info: ModelInfo, versions: Sequence[str] = ()) -> dict[str, Any]:
-    """The v2 model metadata of one version: its inputs (one) and outputs (one FP32 per task; hints
-    are not listed), and every served version of the model (default: `info`'s only)."""
+    """The v2 model metadata of one version: its inputs (one; a sequence model's two) and outputs
+    (one FP32 per task, whose first dimension counts tokens for a token-level task; hints are not
+    listed), and every served version of the model (default: `info`'s only)."""
     return {
         "name": info.name,
         "versions": list(versions) or [info.model_version],
         "platform": PLATFORM,
-        "inputs": [_input_metadata(info)],
+        "inputs": _inputs_metadata(info),
         "outputs": [
-            {"name": task.name, "datatype": OUTPUT_DATATYPE, "shape": [-1, len(task.class_names)]}
+            {
+                "name": task.name,
+                "datatype": OUTPUT_DATATYPE,
+                "shape": [-1, task.num_classes or len(task.class_names)],
+            }
             for task in info.tasks
         ],
     }

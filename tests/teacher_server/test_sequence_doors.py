@@ -7,6 +7,7 @@ tokenizer and the tokenizer download, and bad input refused with the right statu
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +21,11 @@ import pytest
 
 from protocol import codec
 from protocol.errors import GRPC_CODE_KEY, GRPC_FIELD_KEY
+from protocol.kserve_v2 import grpc_predict_v2_pb2 as v2pb
+from protocol.kserve_v2 import grpc_predict_v2_pb2_grpc as v2pb_grpc
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
-from student_client.teacher_process import TeacherProcess
+from student_client.teacher_process import TeacherProcess, loopback_channel
 from teacher_server.repository.default_sequence_teacher import DEFAULT_SEQUENCE_MODEL_NAME
 
 MODEL = DEFAULT_SEQUENCE_MODEL_NAME
@@ -605,3 +608,107 @@ def test_a_good_client_is_unaffected_by_bad_requests(
     assert wrong == []
     assert sent[0] >= 2 * len(BAD)
     assert all(answer == before for answer in during)
+
+
+# --- the Open Inference Protocol (v2) door ----------------------------------------------------
+
+
+def _v2_dense(answer: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {
+        output["name"]: np.asarray(output["data"], np.float32).reshape(output["shape"])
+        for output in answer["outputs"]
+    }
+
+
+def test_v2_metadata_lists_ids_and_lengths(doors: Doors, info: pb.ModelInfo) -> None:
+    meta = doors[1].get(f"/v2/models/{MODEL}").json()
+    assert meta["inputs"] == [
+        {"name": "inputs", "datatype": "INT64", "shape": [-1, -1]},
+        {"name": "lengths", "datatype": "INT64", "shape": [-1]},
+    ]
+    shapes = {o["name"]: o["shape"] for o in meta["outputs"]}
+    assert shapes[LM] == [-1, info.vocab_size]
+
+
+def test_v2_padded_ids_and_lengths_give_v1_values(
+    doors: Doors, sequence_teacher: TeacherProcess, vocab: int
+) -> None:
+    """JSON, the binary extension and gRPC: the same per-token and per-sequence values as v1."""
+    ids = padded(sequences(vocab, seed=6))
+    lengths = np.asarray(LENGTHS, np.int64)
+    v1 = ask(doors, "grpc", ids, LENGTHS, tasks=[LM, GROUP], temperature=2.0)
+    want = {task: v1.outputs[task].values for task in (LM, GROUP)}
+    outputs = [{"name": LM}, {"name": GROUP}]
+    parameters = {"temperature": 2.0}
+
+    def entry(name: str, array: np.ndarray, **extra: Any) -> dict[str, Any]:
+        return {"name": name, "datatype": "INT64", "shape": list(array.shape), **extra}
+
+    body = {
+        "inputs": [
+            entry("lengths", lengths, data=lengths.tolist()),
+            entry("inputs", ids, data=ids.tolist()),
+        ],
+        "outputs": outputs,
+        "parameters": parameters,
+    }
+    reply = doors[1].post(f"/v2/models/{MODEL}/infer", json=body)
+    assert reply.status_code == 200, reply.text
+    got_json = _v2_dense(reply.json())
+
+    header = {
+        "inputs": [
+            entry("inputs", ids, parameters={"binary_data_size": ids.nbytes}),
+            entry("lengths", lengths, parameters={"binary_data_size": lengths.nbytes}),
+        ],
+        "outputs": outputs,
+        "parameters": parameters,
+    }
+    head = json.dumps(header).encode()
+    reply = doors[1].post(
+        f"/v2/models/{MODEL}/infer",
+        content=head + ids.astype("<i8").tobytes() + lengths.astype("<i8").tobytes(),
+        headers={"Inference-Header-Content-Length": str(len(head))},
+    )
+    assert reply.status_code == 200, reply.text
+    got_binary = _v2_dense(reply.json())
+
+    request = v2pb.ModelInferRequest(model_name=MODEL)
+    request.parameters["temperature"].double_param = 2.0
+    for name, array in (("inputs", ids), ("lengths", lengths)):
+        request.inputs.add(name=name, datatype="INT64", shape=list(array.shape))
+        request.raw_input_contents.append(array.astype("<i8").tobytes())
+    request.outputs.add(name=LM)
+    request.outputs.add(name=GROUP)
+    with loopback_channel(sequence_teacher.grpc_address) as channel:
+        response = v2pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=TIMEOUT)
+    got_grpc = {
+        output.name: np.frombuffer(raw, "<f4").reshape(list(output.shape))
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
+    for got in (got_json, got_binary, got_grpc):
+        assert got[LM].shape == (sum(LENGTHS), vocab)
+        assert got[GROUP].shape == want[GROUP].shape
+        for task in (LM, GROUP):
+            np.testing.assert_allclose(got[task], want[task], atol=1e-5)
+
+
+def test_v2_sequence_model_without_lengths_is_refused(doors: Doors, vocab: int) -> None:
+    ids = padded(sequences(vocab))
+    body = {
+        "inputs": [
+            {
+                "name": "inputs",
+                "datatype": "INT64",
+                "shape": list(ids.shape),
+                "data": ids.flatten().tolist(),
+            }
+        ]
+    }
+    reply = doors[1].post(f"/v2/models/{MODEL}/infer", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith("lengths:")
+    body["inputs"].append({"name": "lengths", "datatype": "INT64", "shape": [3], "data": [5, 0, 8]})
+    reply = doors[1].post(f"/v2/models/{MODEL}/infer", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"].startswith("lengths[1]:")
