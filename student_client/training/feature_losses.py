@@ -3,9 +3,11 @@
 - `HintLoss`: FitNets hints, a learnable adapter from a student layer to a teacher layer, then MSE.
 - `AttentionTransferLoss`: distance between the normalised spatial attention maps (see
   `attention_map`) of a student and a teacher feature map.
+- `FSPLoss`: distance between the student's and the teacher's FSP (Gram) matrices between two
+  of their feature maps (see `fsp_matrix`).
 
 Each returns a 0-dim tensor on the student's device, computed in float32 (float64 when an input
-or `HintLoss`'s adapter is float64); batch reductions are means. Both detach the teacher's
+or `HintLoss`'s adapter is float64); batch reductions are means. All detach the teacher's
 features, so no gradient reaches them.
 """
 
@@ -272,3 +274,112 @@ class AttentionTransferLoss(nn.Module):
         q_s = _unit_rows(energy_s.flatten(1))  # (B, H_t * W_t)
         q_t = _unit_rows(_attention_energy(teacher, self.p).flatten(1))
         return self.beta * (q_s - q_t).pow(2).mean()  # ()
+
+
+def _as_map(name: str, features: Tensor) -> Tensor:
+    """(B, C) -> (B, C, 1, 1); (B, C, H, W) as it is; else `ValueError` naming the shape."""
+    if features.dim() == 2 and 0 not in features.shape:
+        return features[:, :, None, None]
+    _check_feature_map(name, features)
+    return features
+
+
+def fsp_matrix(first: Tensor, second: Tensor) -> Tensor:
+    """The FSP ("flow of solution procedure") matrix of Yim et al. (2017) between two feature maps
+    of one network.
+
+    G[b, i, j] = sum over positions (h, w) of first[b, i, h, w] * second[b, j, h, w] / (H * W)
+
+    Args:
+        first: (B, C1, H, W) or (B, C1) floating features; a vector is a 1x1 map.
+        second: (B, C2, H', W') or (B, C2), the same batch.
+
+    Returns (B, C1, C2) in the promoted dtype. If the spatial sizes differ, the larger map is
+    adaptive-average-pooled to the smaller one's size first (the paper pairs maps of one size; a
+    vector hint against a map thus pairs the map's channel means with the vector:
+    G = outer(mean over positions of first, second)). Raises `ValueError` on bad shapes.
+    """
+    a = _as_map("first", first)
+    b = _as_map("second", second)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"second: batch size of shape {tuple(second.shape)} does not match first shape "
+            f"{tuple(first.shape)}"
+        )
+    a_size, b_size = a.shape[2] * a.shape[3], b.shape[2] * b.shape[3]
+    if a.shape[2:] != b.shape[2:]:
+        if a_size > b_size:
+            a = F.adaptive_avg_pool2d(a, (b.shape[2], b.shape[3]))
+        else:
+            b = F.adaptive_avg_pool2d(b, (a.shape[2], a.shape[3]))
+    positions = a.shape[2] * a.shape[3]
+    a = a.flatten(2)  # (B, C1, N)
+    b = b.flatten(2)  # (B, C2, N)
+    return torch.bmm(a, b.transpose(1, 2)) / positions  # (B, C1, C2)
+
+
+class FSPLoss(nn.Module):
+    """FSP matrix transfer: the student learns the teacher's "flow" between two of its layers.
+
+    Junho Yim, Donggyu Joo, Jihoon Bae, Junmo Kim (2017), "A Gift from Knowledge Distillation:
+    Fast Optimization, Network Minimization and Transfer Learning", CVPR 2017.
+
+    With G = `fsp_matrix(first, second)` (B, C1, C2) for each network:
+
+    loss = weight * mean over the batch of ||G_student - G_teacher||_2^2 (summed over C1 x C2)
+
+    the paper's eq. 2 for one pair of layers (its lambda_i is `weight`; sum one instance per pair
+    for several pairs). The paper trains on this loss first and then on the task (two stages);
+    this module only supplies the term, to be scheduled or weighted by the caller.
+
+    Which hints to pair: the teacher serves named intermediate features (`ModelInfo.hints`). The
+    default MNIST teacher (`MultiTaskCNN`) has `feature_map` (64, 7, 7) and `features` (256,):
+    request both (`TargetOptions(hints=("feature_map", "features"))`) and give them as
+    `teacher_first` and `teacher_second`; its G is then (64, 256), the channel means of the map
+    against the dense layer. The student gives the two layers at the same places, with the same
+    channel counts (64 and 256: the FSP matrices must have one shape; no adapter is learned, as in
+    the paper, whose students share the teacher's widths). For students of other widths use
+    `HintLoss`, which learns an adapter.
+
+    The teacher's features are a constant target (detached).
+    """
+
+    def __init__(self, weight: float = 1.0) -> None:
+        """`weight` finite >= 0 scales the loss. Raises `ValueError` naming it otherwise."""
+        super().__init__()
+        if not (isinstance(weight, (int, float)) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"weight: must be a finite number >= 0, got {weight!r}")
+        self.weight = float(weight)
+
+    def forward(
+        self,
+        student_first: Tensor,
+        student_second: Tensor,
+        teacher_first: Tensor,
+        teacher_second: Tensor,
+    ) -> Tensor:
+        """Return the 0-dim loss for one batch.
+
+        Args:
+            student_first, student_second: the student's two feature maps, (B, C, H, W) or
+                (B, C) floating.
+            teacher_first, teacher_second: the teacher's at the same places, any floating dtype;
+                used as constants.
+
+        Raises `ValueError` naming both shapes if the two FSP matrices differ in shape.
+        """
+        dtype = compute_dtype(student_first, student_second, teacher_first, teacher_second)
+        g_student = fsp_matrix(student_first.to(dtype), student_second.to(dtype))
+        device = g_student.device
+        g_teacher = fsp_matrix(
+            teacher_first.detach().to(device=device, dtype=dtype),
+            teacher_second.detach().to(device=device, dtype=dtype),
+        )
+        if g_student.shape != g_teacher.shape:
+            raise ValueError(
+                f"teacher FSP matrix shape {tuple(g_teacher.shape)} (from "
+                f"{tuple(teacher_first.shape)} and {tuple(teacher_second.shape)}) does not match "
+                f"the student's {tuple(g_student.shape)} (from {tuple(student_first.shape)} and "
+                f"{tuple(student_second.shape)}): the paired layers need the same channel counts"
+            )
+        return self.weight * (g_student - g_teacher).pow(2).sum(dim=(1, 2)).mean()  # ()

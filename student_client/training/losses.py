@@ -3,9 +3,11 @@
 - `HintonKDLoss`: dense teacher probabilities at temperature T (`output=probs`, `top_k=0`).
 - `TopKKDLoss`: sparse teacher probabilities (`output=probs`, `top_k=k`): the k largest classes per
   row plus the tail mass, giving an exact KL over k + 1 buckets.
-- `MultiTaskKDLoss`: a weighted sum of `HintonKDLoss` over the tasks of a multi-task teacher.
+- `MultiTaskKDLoss`: a weighted sum of `HintonKDLoss` over the tasks of a multi-task teacher
+  (per task, any other loss on soft targets instead; fixed or learned task weights).
 
-The losses on intermediate features (hints) are in `student_client.training.feature_losses`.
+Decoupled KD and DIST are in `student_client.training.logit_losses`; the losses on intermediate
+features (hints) are in `student_client.training.feature_losses`.
 
 Every loss returns a 0-dim tensor on the student's device. It is computed in float32, or in
 float64 when an input is float64, whatever the dtype of the teacher's
@@ -17,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -360,6 +363,28 @@ class MultiTaskKDLoss(nn.Module):
     weight 1.0. After each call, `last_task_losses` maps each task to its unweighted
     `HintonKDLoss` value as a detached Python float, for logging (reading the floats waits for
     the device, once per task per call).
+
+    Two additive options (the defaults keep the loss above):
+
+    - `task_losses`: task -> a loss module called as `loss(logits, teacher_probs, labels)`, used
+      for that task instead of `HintonKDLoss` (e.g. `DKDLoss` or `DISTLoss` of
+      `student_client.training.logit_losses`; give it the same temperature as the targets).
+    - `task_weighting="uncertainty"`: learned task weights of Kendall, Gal & Cipolla (2018),
+      "Multi-Task Learning Using Uncertainty to Weigh Losses", CVPR 2018, arXiv:1705.07115.
+      One learnable log-variance s_t per task (in `log_variances`, initialised to 0, i.e.
+      weight 1) and
+
+          loss = sum over tasks of exp(-s_t) * L_t + s_t
+
+      The paper's classification form (its eq. 10, 1/sigma^2 L + log sigma with s = log sigma^2)
+      is exp(-s) L + s / 2; the regulariser s used here (as in common implementations) moves the
+      optimum from exp(-s) = 1 / (2 L_t) to 1 / L_t: the tasks' relative weights at the optimum
+      are the same (proportional to 1 / L_t), and the weighted sum stays at the scale of fixed
+      weights of 1. The classification form fits because every task here is a classifier; it is
+      an approximation (the paper's eq. 10) for a softmax head. The s_t are parameters of this
+      module, not of the student: give them to the optimizer,
+      `torch.optim.Adam([*student.parameters(), *kd.parameters()])`, and move the module to the
+      student's device (`kd.to(device)`). The total can be negative (s_t < 0 once L_t < 1).
     """
 
     def __init__(
@@ -368,12 +393,17 @@ class MultiTaskKDLoss(nn.Module):
         alpha: float = 0.5,
         temperature: float = 4.0,
         fused: bool = True,
+        task_losses: Mapping[str, nn.Module] | None = None,
+        task_weighting: Literal["fixed", "uncertainty"] = "fixed",
+        tasks: Sequence[str] = (),
     ) -> None:
         """`task_weights` maps task name to a finite weight >= 0 (default 1.0 for every task).
 
         `alpha`, `temperature` and `fused` are as in `HintonKDLoss` (fused: every task in one
-        autograd node). Raises `ValueError` naming the argument and its value if any is out of
-        range.
+        autograd node; only tasks without a `task_losses` entry, with fixed weights, are fused).
+        `task_losses`: see the class docstring. `task_weighting="uncertainty"` learns the weights
+        of the `tasks` named (every task the student has; `task_weights` must then be unset).
+        Raises `ValueError` naming the argument and its value if any is out of range.
         """
         super().__init__()
         weights = dict(task_weights or {})
@@ -384,6 +414,26 @@ class MultiTaskKDLoss(nn.Module):
                 )
         self.task_weights: dict[str, float] = {task: float(w) for task, w in weights.items()}
         self.kd = HintonKDLoss(alpha=alpha, temperature=temperature, fused=fused)
+        self.task_losses = nn.ModuleDict(dict(task_losses or {}))
+        if task_weighting not in ("fixed", "uncertainty"):
+            raise ValueError(
+                f"task_weighting: expected 'fixed' or 'uncertainty', got {task_weighting!r}"
+            )
+        self.task_weighting = task_weighting
+        # task -> s_t = log sigma_t^2, () each; empty with fixed weights.
+        self.log_variances = nn.ParameterDict()
+        if task_weighting == "uncertainty":
+            if not tasks or isinstance(tasks, str):
+                raise ValueError(
+                    f"tasks: task_weighting='uncertainty' needs the task names, got {tasks!r}"
+                )
+            if weights:
+                raise ValueError(
+                    "task_weights: fixed weights and task_weighting='uncertainty' exclude each "
+                    f"other, got {weights!r}"
+                )
+            for task in tasks:
+                self.log_variances[task] = nn.Parameter(torch.zeros(()))
         self.last_task_losses: dict[str, float] = {}
 
     def forward(
@@ -418,7 +468,20 @@ class MultiTaskKDLoss(nn.Module):
             _check_dense(logits, teacher_probs[task], task_labels)
             weight = self.task_weights.get(task, 1.0)
             tasks[task] = (logits, teacher_probs[task], task_labels, weight)
-        if self.kd.fused and all(_fusable(task[1]) for task in tasks.values()):
+        if self.task_weighting == "uncertainty":
+            unknown = sorted(set(tasks) - set(self.log_variances))
+            if unknown:
+                raise KeyError(
+                    f"student_logits: no learned weight for task(s) {unknown}; "
+                    f"tasks given to MultiTaskKDLoss: {sorted(self.log_variances)}"
+                )
+        plain = {task: item for task, item in tasks.items() if task not in self.task_losses}
+        if (
+            self.kd.fused
+            and self.task_weighting == "fixed"
+            and len(plain) == len(tasks)
+            and all(_fusable(task[1]) for task in tasks.values())
+        ):
             losses: dict[str, float] = {}
             loss = _fused_dense_kd(tasks, self.kd.alpha, self.kd.temperature, losses)
             if loss is not None:
@@ -427,9 +490,14 @@ class MultiTaskKDLoss(nn.Module):
         total: Tensor | None = None
         task_losses: dict[str, float] = {}
         for task, (logits, teacher, task_labels, weight) in tasks.items():
-            task_loss = self.kd(logits, teacher, task_labels)  # ()
+            loss_fn = self.task_losses[task] if task in self.task_losses else self.kd
+            task_loss = loss_fn(logits, teacher, task_labels)  # ()
             task_losses[task] = float(task_loss.detach())
-            weighted = weight * task_loss  # ()
+            if self.task_weighting == "uncertainty":
+                s = self.log_variances[task].to(task_loss)  # ()
+                weighted = torch.exp(-s) * task_loss + s  # ()
+            else:
+                weighted = weight * task_loss  # ()
             total = weighted if total is None else total + weighted
         self.last_task_losses = task_losses
         assert total is not None  # student_logits is non-empty

@@ -1,5 +1,6 @@
-"""Tests for the feature-based losses of student_client.losses: HintLoss (FitNets) and
-AttentionTransferLoss (Zagoruyko & Komodakis), checked against hand-written formulas."""
+"""Tests for the feature-based losses of student_client.losses: HintLoss (FitNets),
+AttentionTransferLoss (Zagoruyko & Komodakis) and FSPLoss (Yim et al.), checked against
+hand-written formulas."""
 
 from __future__ import annotations
 
@@ -11,7 +12,13 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from student_client.training.feature_losses import AttentionTransferLoss, HintLoss, attention_map
+from student_client.training.feature_losses import (
+    AttentionTransferLoss,
+    FSPLoss,
+    HintLoss,
+    attention_map,
+    fsp_matrix,
+)
 
 # --- HintLoss: vectors ----------------------------------------------------------------------------
 
@@ -287,3 +294,62 @@ def test_at_ignores_the_scale_of_tiny_activations() -> None:
     assert at(student, teacher).item() == 0.0
     assert at(0.015625 * student, teacher).item() == 0.0
     assert at(1e-6 * student, 1e-6 * teacher).item() == 0.0
+
+
+# --- FSP matrices (Yim et al. 2017) ---------------------------------------------------------------
+
+
+def test_fsp_matrix_and_loss_by_hand() -> None:
+    # One sample; first map: 2 channels over 2 positions, second map: 1 channel.
+    first = torch.tensor([[[[1.0, 2.0]], [[3.0, -1.0]]]], dtype=torch.float64)  # (1, 2, 1, 2)
+    second = torch.tensor([[[[4.0, 0.5]]]], dtype=torch.float64)  # (1, 1, 1, 2)
+    # G[0, 0] = (1*4 + 2*0.5) / 2 = 2.5; G[1, 0] = (3*4 - 1*0.5) / 2 = 5.75.
+    gram = fsp_matrix(first, second)
+    assert gram.shape == (1, 2, 1)
+    assert gram.flatten().tolist() == [2.5, 5.75]
+    teacher_first = torch.tensor([[[[0.0, 2.0]], [[1.0, 1.0]]]], dtype=torch.float64)
+    teacher_second = torch.tensor([[[[2.0, 2.0]]]], dtype=torch.float64)
+    # Teacher G = [(0 + 4) / 2, (2 + 2) / 2] = [2, 2]; squared differences 0.25 + 14.0625.
+    loss = FSPLoss(weight=2.0)(first, second, teacher_first, teacher_second)
+    assert loss.item() == pytest.approx(2.0 * (0.25 + 14.0625), rel=1e-12)
+
+
+def test_fsp_batch_mean_vector_hint_and_pooling() -> None:
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(3, 4, 6, 6, generator=generator, dtype=torch.float64)
+    vector = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    # A vector hint (the teacher's `features`) against a map: channel means outer the vector.
+    expected = maps.mean(dim=(2, 3))[:, :, None] * vector[:, None, :]
+    torch.testing.assert_close(fsp_matrix(maps, vector), expected, rtol=1e-12, atol=1e-12)
+    # Different spatial sizes: the larger is average-pooled to the smaller.
+    small = torch.randn(3, 2, 3, 3, generator=generator, dtype=torch.float64)
+    pooled = torch.nn.functional.avg_pool2d(maps, 2)
+    torch.testing.assert_close(fsp_matrix(maps, small), fsp_matrix(pooled, small))
+    # The loss is the batch mean of per-sample sums of squares.
+    loss_fn = FSPLoss()
+    t_first = torch.randn(3, 4, 6, 6, generator=generator, dtype=torch.float64)
+    t_second = torch.randn(3, 5, generator=generator, dtype=torch.float64)
+    total = loss_fn(maps, vector, t_first, t_second)
+    by_hand = (fsp_matrix(maps, vector) - fsp_matrix(t_first, t_second)).pow(2).sum((1, 2))
+    assert total.item() == pytest.approx(by_hand.mean().item(), rel=1e-12)
+    # FSP of (3, 2, 3, 3) with itself is (3, 2, 2); the student's is (3, 4, 5).
+    with pytest.raises(ValueError, match=r"teacher FSP matrix shape \(3, 2, 2\)"):
+        loss_fn(maps, vector, small, small)
+
+
+def test_fsp_gradient_reaches_the_student_only() -> None:
+    generator = torch.Generator().manual_seed(1)
+    student = [
+        torch.randn(2, 3, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 2, 4, 4, generator=generator, dtype=torch.float64, requires_grad=True),
+    ]
+    teacher = [
+        torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 2, 4, 4, dtype=torch.float64, requires_grad=True),
+    ]
+    loss_fn = FSPLoss(weight=0.5)
+    assert torch.autograd.gradcheck(lambda a, b: loss_fn(a, b, *teacher), tuple(student))
+    loss_fn(*student, *teacher).backward()
+    assert all(t.grad is None for t in teacher)
+    with pytest.raises(ValueError, match="weight"):
+        FSPLoss(weight=float("nan"))

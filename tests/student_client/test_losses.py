@@ -418,3 +418,85 @@ def test_fused_is_twice_differentiable_and_falls_back_on_an_infinite_logit() -> 
     assert torch.isfinite(fused)
     torch.testing.assert_close(fused, plain)
     assert loss_fn.last_task_losses["a"] == pytest.approx(plain.item())
+
+
+# --- MultiTaskKDLoss: per-task losses and learned (uncertainty) weights ---------------------------
+
+
+def test_multitask_uses_a_task_loss_instead_of_hinton_for_that_task_only() -> None:
+    from student_client.training.logit_losses import DKDLoss
+
+    temperature = 4.0
+    a_student, a_teacher, a_labels = _random_case(4, 5, seed=10, temperature=temperature)
+    b_student, b_teacher, b_labels = _random_case(4, 3, seed=11, temperature=temperature)
+    dkd = DKDLoss(alpha=1.0, beta=8.0, temperature=temperature)
+    kd = MultiTaskKDLoss({"b": 2.0}, alpha=0.9, temperature=temperature, task_losses={"a": dkd})
+    logits = {"a": a_student, "b": b_student}
+    loss = kd(logits, {"a": a_teacher, "b": b_teacher}, {"a": a_labels, "b": b_labels})
+    hinton = HintonKDLoss(alpha=0.9, temperature=temperature)
+    expected = dkd(a_student, a_teacher, a_labels) + 2.0 * hinton(b_student, b_teacher, b_labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
+    assert kd.last_task_losses["a"] == pytest.approx(dkd(a_student, a_teacher, a_labels).item())
+    # Defaults unchanged: no task losses, no learned weights, nothing to optimise.
+    assert list(MultiTaskKDLoss().parameters()) == []
+
+
+def test_uncertainty_weighting_by_hand_and_its_gradient() -> None:
+    temperature = 2.0
+    a_student, a_teacher, a_labels = _random_case(3, 4, seed=12, temperature=temperature)
+    b_student, b_teacher, b_labels = _random_case(3, 2, seed=13, temperature=temperature)
+    kd = MultiTaskKDLoss(
+        alpha=0.5, temperature=temperature, task_weighting="uncertainty", tasks=["a", "b"]
+    ).double()
+    assert sorted(name for name, _ in kd.named_parameters()) == [
+        "log_variances.a",
+        "log_variances.b",
+    ]
+    with torch.no_grad():
+        kd.log_variances["a"].fill_(0.5)
+        kd.log_variances["b"].fill_(-1.0)
+    loss = kd(
+        {"a": a_student, "b": b_student},
+        {"a": a_teacher, "b": b_teacher},
+        {"a": a_labels, "b": b_labels},
+    )
+    hinton = HintonKDLoss(alpha=0.5, temperature=temperature)
+    la = hinton(a_student, a_teacher, a_labels).item()
+    lb = hinton(b_student, b_teacher, b_labels).item()
+    expected = math.exp(-0.5) * la + 0.5 + math.exp(1.0) * lb - 1.0
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    loss.backward()
+    # d/ds (exp(-s) L + s) = 1 - exp(-s) L
+    assert kd.log_variances["a"].grad.item() == pytest.approx(1 - math.exp(-0.5) * la, rel=1e-10)
+    assert kd.log_variances["b"].grad.item() == pytest.approx(1 - math.exp(1.0) * lb, rel=1e-10)
+    assert kd.last_task_losses == pytest.approx({"a": la, "b": lb})
+
+
+def test_uncertainty_weighting_learns_weights_that_balance_the_tasks() -> None:
+    """With the task losses held fixed, s_t settles at log L_t: weight exp(-s_t) = 1 / L_t."""
+    kd = MultiTaskKDLoss(task_weighting="uncertainty", tasks=["a", "b"])
+    optimizer = torch.optim.Adam(kd.parameters(), lr=0.05)
+    fixed = {"a": 4.0, "b": 0.25}
+    for _ in range(600):
+        total = sum(
+            torch.exp(-kd.log_variances[t]) * value + kd.log_variances[t]
+            for t, value in fixed.items()
+        )
+        optimizer.zero_grad()
+        total.backward()  # type: ignore[union-attr]
+        optimizer.step()
+    assert kd.log_variances["a"].item() == pytest.approx(math.log(4.0), abs=0.02)
+    assert kd.log_variances["b"].item() == pytest.approx(math.log(0.25), abs=0.02)
+
+
+def test_uncertainty_weighting_rejects_bad_configuration() -> None:
+    with pytest.raises(ValueError, match="tasks: task_weighting='uncertainty' needs"):
+        MultiTaskKDLoss(task_weighting="uncertainty")
+    with pytest.raises(ValueError, match="task_weights: fixed weights and"):
+        MultiTaskKDLoss({"a": 2.0}, task_weighting="uncertainty", tasks=["a"])
+    with pytest.raises(ValueError, match="task_weighting: expected"):
+        MultiTaskKDLoss(task_weighting="learned")  # type: ignore[arg-type]
+    kd = MultiTaskKDLoss(task_weighting="uncertainty", tasks=["a"])
+    logits, probs, _ = _random_case(2, 3, seed=0, temperature=4.0)
+    with pytest.raises(KeyError, match=r"no learned weight for task\(s\) \['b'\]"):
+        kd({"a": logits, "b": logits}, {"a": probs, "b": probs})
