@@ -254,7 +254,7 @@ def request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
         top_k=body.top_k,
         output_dtype=body.output_dtype,
         hints=tuple(body.hints),
-        lengths=None if body.lengths is None else np.asarray(body.lengths, dtype=np.int64),
+        lengths=None if body.lengths is None else _json_array(body.lengths, "int64", "lengths"),
         scored_ids=None
         if body.scored_ids is None
         else _json_array(body.scored_ids, "int64", "scored_ids"),

@@ -551,6 +551,10 @@ def test_json_ids_must_be_whole_numbers(doors: Doors) -> None:
     reply = doors[1].post(f"/v1/models/{MODEL}/soft-targets", json=body)
     assert reply.status_code == 400
     assert reply.json()["error"]["field"] == "inputs"
+    body = {"inputs": [[1, 2, 3]], "lengths": [10**30]}
+    reply = doors[1].post(f"/v1/models/{MODEL}/soft-targets", json=body)
+    assert reply.status_code == 400
+    assert reply.json()["error"]["field"] == "lengths"
     body = {"inputs": [[1, 2, 3]], "lengths": [3], "scored_ids": [[1.5], [2], [3]]}
     reply = doors[1].post(f"/v1/models/{MODEL}/soft-targets", json=body)
     assert reply.status_code == 400
