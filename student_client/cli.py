@@ -11,8 +11,9 @@ from typing import Literal
 import numpy as np
 
 from student_client.online.client import TeacherClient
+from student_client.training.augment import AUGMENTATIONS
 from student_client.training.datasets import mnist_multitask
-from student_client.training.demo import DemoSettings, run_demo
+from student_client.training.demo import KD_LOSSES, TASK_WEIGHTINGS, DemoSettings, run_demo
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -67,6 +68,30 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         type=int,
         default=None,
         help="streams per pass, spread over replicas by round_robin (default: one per address)",
+    )
+    demo.add_argument(
+        "--augment",
+        choices=AUGMENTATIONS,
+        default=defaults.augment,
+        help="augment the distilled student's batches before the teacher sees them (shifts of "
+        "up to 2 pixels, mixup, cutmix; mixed batches are pure KD)",
+    )
+    demo.add_argument(
+        "--kd-loss",
+        choices=KD_LOSSES,
+        default=defaults.kd_loss,
+        help="the distilled student's loss per task: Hinton KD, decoupled KD or DIST",
+    )
+    demo.add_argument(
+        "--task-weighting",
+        choices=TASK_WEIGHTINGS,
+        default=defaults.task_weighting,
+        help="fixed task weights of 1, or learned (uncertainty, Kendall et al. 2018)",
+    )
+    demo.add_argument(
+        "--int8",
+        action="store_true",
+        help="also quantise the distilled student to int8 and report accuracy, size, latency",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -264,6 +289,10 @@ def main(argv: list[str] | None = None) -> None:
                 streams=args.streams,
                 out=args.out,
                 progress=not args.no_progress,
+                augment=args.augment,
+                kd_loss=args.kd_loss,
+                task_weighting=args.task_weighting,
+                int8=args.int8,
             )
         )
 

@@ -19,13 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from student_client.online.client import TeacherClient
 from student_client.online.loader import SoftTargetLoader
 from student_client.teacher_process import TeacherProcess
+from student_client.training.augment import Augmentation, augmented_batches
 from student_client.training.datasets import MultiTaskSplit, mnist_multitask, shuffled_batches
+from student_client.training.logit_losses import DISTLoss, DKDLoss
 from student_client.training.losses import MultiTaskKDLoss
 from student_client.training.models import StudentMLP, parameter_count
+from student_client.training.quantize import compare_int8
 from student_client.training.trainer import (
     EpochRecord,
     distillation_loss,
@@ -56,6 +60,14 @@ class DemoSettings:
     streams: int | None = None  # streams per pass (default: one per address given)
     out: Path = Path("runs/quickstart")
     progress: bool = True
+    # Options of issue 21, off by default until measured (bench/distill_eval): the distilled
+    # student's augmentation (training.augment.AUGMENTATIONS; the hard-label student is never
+    # augmented), its loss per task ("kd": Hinton; "dkd"; "dist"), its task weights ("fixed" or
+    # "uncertainty"), and an int8 copy compared with it after training.
+    augment: str = "none"
+    kd_loss: str = "kd"
+    task_weighting: str = "fixed"
+    int8: bool = False
 
 
 @dataclass
@@ -66,6 +78,7 @@ class DemoResult:
     distilled: list[list[dict[str, object]]] = field(default_factory=list)
     student_parameters: int = 0
     loader_batches: list[dict[str, int]] = field(default_factory=list)  # per distilled epoch
+    int8: list[dict[str, object]] = field(default_factory=list)  # per seed, with --int8
 
 
 def say(message: str = "") -> None:
@@ -109,12 +122,47 @@ def _records(history: list[EpochRecord]) -> list[dict[str, object]]:
     return [asdict(record) for record in history]
 
 
+KD_LOSSES = ("kd", "dkd", "dist")
+TASK_WEIGHTINGS = ("fixed", "uncertainty")
+
+
+def distillation_criterion(tasks: list[str], settings: DemoSettings) -> MultiTaskKDLoss:
+    """The distilled student's loss: Hinton's KD (alpha, T) or, per task, DKD (the paper's
+    alpha = 1, beta = 8, CE weight 1) or DIST (the paper's CIFAR beta = gamma = 2, CE weight 1),
+    all at the demo's T; fixed weights of 1 or learned ones."""
+    t = settings.temperature
+    if settings.kd_loss not in KD_LOSSES:
+        raise ValueError(
+            f"kd_loss: expected one of {', '.join(KD_LOSSES)}, got {settings.kd_loss!r}"
+        )
+    task_losses: dict[str, nn.Module] = {}
+    for task in tasks:
+        if settings.kd_loss == "dkd":
+            task_losses[task] = DKDLoss(alpha=1.0, beta=8.0, temperature=t)
+        elif settings.kd_loss == "dist":
+            task_losses[task] = DISTLoss(beta=2.0, gamma=2.0, temperature=t)
+    weighting = settings.task_weighting
+    if weighting not in TASK_WEIGHTINGS:
+        raise ValueError(f"task_weighting: expected fixed or uncertainty, got {weighting!r}")
+    return MultiTaskKDLoss(
+        alpha=settings.alpha,
+        temperature=t,
+        task_losses=task_losses,
+        task_weighting="uncertainty" if weighting == "uncertainty" else "fixed",
+        tasks=tasks if weighting == "uncertainty" else (),
+    )
+
+
 def train_students(
     client: TeacherClient, split: MultiTaskSplit, settings: DemoSettings, result: DemoResult
 ) -> None:
     tasks = split.tasks
     evaluate_fn = lambda model: evaluate(model, split.test_x, split.test_y)  # noqa: E731
     options = TargetOptions(temperature=settings.temperature, output="probs")
+    augmentation = Augmentation.parse(settings.augment)
+    # MNIST pixels k / 255 are exact as uint8 (4x fewer bytes); so are shifted and cut-mixed
+    # views, but mixed-up pixels are not codes: those go as float32.
+    input_dtype = "uint8" if augmentation.exact_pixels else None
     for seed in settings.seeds:
         torch.manual_seed(seed)
         hard_student = StudentMLP((1, 28, 28), tasks, settings.hidden)
@@ -136,13 +184,15 @@ def train_students(
             batches = shuffled_batches(
                 split.train_x, split.train_y, settings.batch_size, seed * 1000 + epoch
             )
+            if augmentation.active:  # new views each epoch; no cache: no view comes back
+                batches = augmented_batches(batches, augmentation, seed * 1000 + epoch)
             loader = SoftTargetLoader(
                 list(batches),
                 client,
                 options,
                 depth=settings.depth,
                 streams=settings.streams,
-                input_dtype="uint8",  # MNIST pixels k / 255: exact as uint8, 4x fewer bytes
+                input_dtype=input_dtype,
             )
             loaders.append(loader)
             return loader
@@ -160,9 +210,10 @@ def train_students(
         )
         say(
             f"[seed {seed}] the same student distilled from the remote teacher "
-            f"(T={settings.temperature:g}, alpha={settings.alpha:g}, over gRPC)"
+            f"(T={settings.temperature:g}, alpha={settings.alpha:g}, loss {settings.kd_loss}, "
+            f"{settings.task_weighting} task weights, augment {settings.augment}, over gRPC)"
         )
-        kd = MultiTaskKDLoss(alpha=settings.alpha, temperature=settings.temperature)
+        kd = distillation_criterion(list(tasks), settings)
         distilled = fit(
             distilled_student,
             distilled_batches,
@@ -172,7 +223,13 @@ def train_students(
             settings.lr,
             f"distilled seed {seed}",
             settings.progress,
+            extra_parameters=kd.parameters(),  # the learned task weights, if any
         )
+        if settings.int8:
+            comparison = compare_int8(
+                distilled_student, split.test_x, split.test_y, settings.out / f"seed{seed}"
+            )
+            result.int8.append({**asdict(comparison), "int8_path": str(comparison.int8_path)})
         result.hard.append(_records(hard))
         result.distilled.append(_records(distilled))
         expected = -(-len(split.train_x) // settings.batch_size)
@@ -210,16 +267,10 @@ def summary_table(result: DemoResult, tasks: list[str]) -> str:
         ("student, distilled", result.distilled),
     ):
         final: list[dict[str, float]] = [run[-1]["accuracy"] for run in runs]  # type: ignore[misc]
-        rows.append(
-            [
-                label,
-                f"{result.student_parameters:,}",
-                *[_mean_std([accuracy[task] for accuracy in final]) for task in tasks],
-                _mean_std(
-                    [1 - accuracy["digit"] for accuracy in final], 1000, 0 if len(final) == 1 else 1
-                ),
-            ]
-        )
+        rows.append(_student_row(label, f"{result.student_parameters:,}", final, tasks))
+    if result.int8:
+        int8: list[dict[str, float]] = [run["int8_accuracy"] for run in result.int8]  # type: ignore[misc]
+        rows.append(_student_row("student, distilled, int8", "(int8)", int8, tasks))
     table = [header, *rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [
@@ -227,6 +278,33 @@ def summary_table(result: DemoResult, tasks: list[str]) -> str:
     ]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def int8_summary(result: DemoResult) -> str:
+    """Size on disk and CPU latency of the distilled student, float vs int8 (mean over seeds)."""
+    runs = result.int8
+
+    def mean(key: str) -> float:
+        return float(np.mean([float(run[key]) for run in runs]))  # type: ignore[arg-type]
+
+    return (
+        f"int8 (dynamic quantisation of the Linear layers): state dict "
+        f"{mean('float_bytes') / 1e6:.2f} MB float -> {mean('int8_bytes') / 1e6:.2f} MB int8 "
+        f"({mean('float_bytes') / mean('int8_bytes'):.1f}x smaller); CPU latency per batch of "
+        f"{runs[0]['latency_batch']}: {mean('float_latency_ms'):.3f} ms float, "
+        f"{mean('int8_latency_ms'):.3f} ms int8 (torch threads: {torch.get_num_threads()})"
+    )
+
+
+def _student_row(
+    label: str, parameters: str, final: list[dict[str, float]], tasks: list[str]
+) -> list[str]:
+    return [
+        label,
+        parameters,
+        *[_mean_std([accuracy[task] for accuracy in final]) for task in tasks],
+        _mean_std([1 - accuracy["digit"] for accuracy in final], 1000, 0 if len(final) == 1 else 1),
+    ]
 
 
 def plot(result: DemoResult, path: Path, task: str = "digit") -> None:
@@ -318,6 +396,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
         f"student {settings.hidden}, T={settings.temperature:g}, alpha={settings.alpha:g}):\n"
     )
     say(table)
+    if result.int8:
+        say(int8_summary(result))
     say(f"\nPlot of both students' accuracy per epoch: {plot_path.resolve()}")
     say(f"Full results: {(settings.out / 'result.json').resolve()}")
     say(f"Done in {time.perf_counter() - started:.0f}s.")

@@ -85,10 +85,13 @@ def fit(
     lr: float = 1e-3,
     description: str = "train",
     progress: bool = True,
+    extra_parameters: Iterable[nn.Parameter] = (),
 ) -> list[EpochRecord]:
     """Train `model` for `epochs` with Adam; `epoch_batches(epoch)` gives that epoch's batches.
+    `extra_parameters` are trained beside the model's (a loss's own parameters, e.g. the
+    log-variances of `MultiTaskKDLoss(task_weighting="uncertainty")`).
     Returns one record per epoch (loss, time, throughput, held-out accuracy)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam([*model.parameters(), *extra_parameters], lr=lr)
     history = []
     for epoch in range(1, epochs + 1):
         model.train()
