@@ -716,3 +716,36 @@ def test_v2_sequence_model_without_lengths_is_refused(doors: Doors, vocab: int) 
     reply = doors[1].post(f"/v2/models/{MODEL}/infer", json=body)
     assert reply.status_code == 400
     assert reply.json()["error"].startswith("lengths[1]:")
+
+
+def test_protobuf_over_http_and_the_stream_carry_the_sequence_fields(
+    doors: Doors, info: pb.ModelInfo, vocab: int
+) -> None:
+    scored = np.ones((sum(LENGTHS), 2), np.int64)
+    request = _grpc_request(
+        padded(sequences(vocab, seed=7)),
+        LENGTHS,
+        top_k=3,
+        scored_ids=scored,
+        tokenizer_hash=info.tokenizer.sha256,
+        batch_id="s1",
+    )
+    unary = doors[0].GetSoftTargets(request, timeout=TIMEOUT)
+    reply = doors[1].post(
+        f"/v1/models/{MODEL}/soft-targets",
+        content=request.SerializeToString(),
+        headers={"content-type": "application/x-protobuf"},
+    )
+    assert reply.status_code == 200, reply.text
+    over_http = pb.SoftTargetsResponse.FromString(reply.content)
+    (streamed,) = doors[0].StreamSoftTargets(iter([request]), timeout=TIMEOUT)
+    for response in (over_http, streamed.soft_targets):
+        assert codec.decode(response.lengths).tolist() == LENGTHS
+        for got, want in zip(response.outputs, unary.outputs, strict=True):
+            assert (got.task, got.level) == (want.task, want.level)
+            assert got.indices.dtype == want.indices.dtype
+            np.testing.assert_array_equal(codec.decode(got.indices), codec.decode(want.indices))
+            np.testing.assert_allclose(
+                codec.decode(got.values), codec.decode(want.values), atol=1e-6
+            )
+            assert got.HasField("scored_values") == (got.level == "token")
