@@ -156,7 +156,11 @@ class HuggingFaceSequenceModel(nn.Module):
             raise HuggingFaceLoadError(f"{type(model).__name__} has no output head")
         self.heads = nn.ModuleDict({task: head})
         self.task_levels = {task: level}
-        self.vocab_size = int(config.vocab_size)
+        # The ids the embedding reads, and the head's width (the vocabulary for a causal LM):
+        # checked at load against config.json, which the served config was derived from.
+        self.vocab_size = int(model.get_input_embeddings().num_embeddings)
+        linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+        self.head_classes = linears[-1].out_features if linears else 0
         self.max_length = int(
             getattr(config, "max_position_embeddings", None) or config.n_positions
         )

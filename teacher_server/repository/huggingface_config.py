@@ -10,9 +10,11 @@ Safety: the folder is read locally only, its weights must be safetensors (a fold
 `pytorch_model.bin` is refused: nothing is unpickled), and a config whose `auto_map` asks for
 remote code is refused (`trust_remote_code` is never set).
 
-Served today: image classifiers. Sequence models (causal LMs, sequence and token classifiers) get
-their config but are refused at load until their adapters and tokenizer files are checked end to
-end against the core's sequence engine.
+Served: image classifiers, and sequence models (causal LMs, sequence and token classifiers) through
+the core's sequence engine. A sequence folder's `tokenizer.json` (the one file a fast tokenizer's
+`save_pretrained` writes) is its tokenizer: hashed, its vocabulary counted, its special ids (pad,
+bos, eos, cls, sep, unk, mask) read from `tokenizer_config.json` / `special_tokens_map.json`, else
+from the model config. A folder without one is served without a tokenizer (ModelInfo says so).
 """
 
 from __future__ import annotations
@@ -43,7 +45,21 @@ SEQUENCE_ADAPTER = f"{ADAPTER_MODULE}:HuggingFaceSequenceModel"
 PROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 TOKENIZER_FILE = "tokenizer.json"
-SPECIAL_IDS = {"pad": "pad_token_id", "bos": "bos_token_id", "eos": "eos_token_id"}
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+# Role -> (the tokenizer config's token key, the model config's id key).
+SPECIAL_ROLES = {
+    "pad": ("pad_token", "pad_token_id"),
+    "bos": ("bos_token", "bos_token_id"),
+    "eos": ("eos_token", "eos_token_id"),
+    "cls": ("cls_token", "cls_token_id"),
+    "sep": ("sep_token", "sep_token_id"),
+    "unk": ("unk_token", "unk_token_id"),
+    "mask": ("mask_token", "mask_token_id"),
+}
+NO_TOKENIZER_NOTE = (
+    f"; no {TOKENIZER_FILE} in the folder: served without a tokenizer (ids are not checked "
+    "against one)"
+)
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX_FILE = "model.safetensors.index.json"
 PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -126,6 +142,7 @@ def huggingface_model_config(folder: Path, name: str, raw: dict[str, Any]) -> Mo
         raise ModelLoadError(f"{config_path}: 'vocab_size' must be an integer >= 2")
     # A causal LM's classes are the tokenizer's tokens: counted, not listed.
     classes = () if kind == "causal_lm" else _class_names(raw, config_path)
+    tokenizer = _tokenizer(folder, raw, vocab_size)
     return ModelConfig(
         architecture=SEQUENCE_ADAPTER,
         tasks=(TaskConfig(task, classes, level=level, num_classes=len(classes) or vocab_size),),
@@ -137,30 +154,46 @@ def huggingface_model_config(folder: Path, name: str, raw: dict[str, Any]) -> Mo
         extra=extra,
         name=name,
         kwargs={},
-        description=description,
+        description=description + (NO_TOKENIZER_NOTE if tokenizer is None else ""),
         input_kind="tokens",
-        tokenizer=_tokenizer(folder, raw, vocab_size),
+        tokenizer=tokenizer,
     )
 
 
 def load_huggingface(folder: Path, config: ModelConfig) -> tuple[nn.Module, bytes]:
-    """The adapter for a Hugging Face folder, and the bytes its version hashes after config.json
-    (the image processor config, then the weights). Sequence models are refused for now."""
+    """The adapter for a Hugging Face folder, and the bytes its version hashes after config.json:
+    the image processor config (images) or the tokenizer files present (sequence models:
+    `tokenizer.json`, `tokenizer_config.json`, `special_tokens_map.json`), then the weights."""
     if config.is_sequence_model:
-        raise ModelLoadError(
-            f"{folder}: {config.description} is a sequence model; Hugging Face sequence models "
-            "are not served yet (image classifiers are; the adapters and tokenizer files still "
-            "need an end-to-end check against the sequence engine)"
-        )
-    processor = folder / PROCESSOR_FILE
-    if not processor.is_file():
-        raise ModelLoadError(f"{folder}: missing {PROCESSOR_FILE} (the image normalisation)")
-    content = processor.read_bytes() + b"".join(path.read_bytes() for path in weight_files(folder))
+        names = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
+        content = b"".join((folder / n).read_bytes() for n in names if (folder / n).is_file())
+    else:
+        processor = folder / PROCESSOR_FILE
+        if not processor.is_file():
+            raise ModelLoadError(f"{folder}: missing {PROCESSOR_FILE} (the image normalisation)")
+        content = processor.read_bytes()
+    content += b"".join(path.read_bytes() for path in weight_files(folder))
     try:
         module = build_adapter(folder)
     except HuggingFaceLoadError as error:
         raise ModelLoadError(f"{folder}: {error}") from error
+    if config.is_sequence_model:
+        _check_widths(folder, config, module)
     return module, content
+
+
+def _check_widths(folder: Path, config: ModelConfig, module: nn.Module) -> None:
+    """The ids the embedding reads and the classes the head writes are those config.json
+    promised (a tied or resized vocabulary that disagrees would index out of range)."""
+    task = config.tasks[0]
+    embedding_rows = int(getattr(module, "vocab_size", 0))
+    head_classes = int(getattr(module, "head_classes", 0))
+    if embedding_rows != config.max_value or head_classes != task.num_classes:
+        raise ModelLoadError(
+            f"{folder}: the model's embedding has {embedding_rows} rows and its {task.name!r} "
+            f"head {head_classes} classes, but config.json says vocab_size {config.max_value} "
+            f"and {task.num_classes} classes"
+        )
 
 
 def _class_names(raw: dict[str, Any], config_path: Path) -> tuple[str, ...]:
@@ -215,14 +248,53 @@ def _max_length(folder: Path, raw: dict[str, Any], config_path: Path) -> int:
 
 
 def _tokenizer(folder: Path, raw: dict[str, Any], vocab_size: int) -> TokenizerConfig | None:
-    """The folder's `tokenizer.json` (a fast tokenizer's one file) with the config's special ids
-    that fall inside the vocabulary; None when the folder has no tokenizer."""
+    """The folder's `tokenizer.json` (a fast tokenizer's one file): its hash, its vocabulary
+    (added tokens included) and its special ids; None when the folder has none. A special id is
+    the tokenizer config's token (e.g. `"pad_token": "[PAD]"`) looked up in the file, else the
+    model config's `*_token_id`, kept when it lies inside the tokenizer's vocabulary."""
+    from tokenizers import Tokenizer
+
     path = folder / TOKENIZER_FILE
     if not path.is_file():
         return None
-    special_ids = {
-        role: raw[key]
-        for role, key in SPECIAL_IDS.items()
-        if isinstance(raw.get(key), int) and 0 <= raw[key] < vocab_size
-    }
-    return TokenizerConfig(TOKENIZER_FILE, file_sha256(path.read_bytes()), vocab_size, special_ids)
+    data = path.read_bytes()
+    try:
+        tokenizer = Tokenizer.from_str(data.decode())
+    except Exception as error:  # tokenizers raises a bare Exception on a malformed file
+        raise ModelLoadError(f"{path}: not a tokenizers file: {error}") from error
+    tokens = tokenizer.get_vocab_size(with_added_tokens=True)
+    if not 2 <= tokens <= vocab_size:
+        raise ModelLoadError(
+            f"{path}: the tokenizer defines {tokens} ids but the model reads ids below "
+            f"{vocab_size} (config.json 'vocab_size')"
+        )
+    named = _special_tokens(folder)
+    special_ids = {}
+    for role, (token_key, id_key) in SPECIAL_ROLES.items():
+        token_id = tokenizer.token_to_id(named[token_key]) if token_key in named else None
+        if token_id is None and isinstance(raw.get(id_key), int):
+            token_id = raw[id_key]
+        if token_id is not None and 0 <= token_id < tokens:
+            special_ids[role] = token_id
+    return TokenizerConfig(TOKENIZER_FILE, file_sha256(data), tokens, special_ids)
+
+
+def _special_tokens(folder: Path) -> dict[str, str]:
+    """Special token key (`pad_token`, ...) -> its text, from `special_tokens_map.json` and
+    `tokenizer_config.json` (the latter wins); a value may be a string or `{"content": ...}`."""
+    named: dict[str, str] = {}
+    for name in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            entries = json.loads(path.read_text())
+        except ValueError as error:
+            raise ModelLoadError(f"{path}: not valid JSON: {error}") from error
+        for token_key, _ in SPECIAL_ROLES.values():
+            value = entries.get(token_key) if isinstance(entries, dict) else None
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                named[token_key] = value
+    return named
