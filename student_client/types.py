@@ -47,18 +47,73 @@ class TargetOptions:
     output_dtype: str = "float16"
     hints: Sequence[str] = ()
     model_version: str = ""
+    tokenizer_hash: str = (
+        ""  # sequence models: "sha256:<hex>" of the ids' tokenizer ("": unchecked)
+    )
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """A batch of token-id sequences for a sequence model (`ModelInfo.input_kind == "tokens"`).
+
+    `ids` is padded, (batch, L) with max(lengths) <= L (ids past a length are padding, never read),
+    or packed, (sum(lengths),) with the sequences end to end; `lengths` is (batch,), each >= 1.
+    `scored_ids` (optional) is (sum(lengths), m): ids of the caller's choosing per real token, in
+    token-row order, at which every token-level task returns its log-probabilities
+    (`TaskTargets.scored_values`). Integer arrays (int64 or int32).
+    """
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    scored_ids: np.ndarray | None = None
+
+    @classmethod
+    def padded(cls, sequences: Sequence[Sequence[int]], pad_id: int = 0) -> TokenBatch:
+        """A padded batch (batch, longest) of int64 ids from lists of ids."""
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)
+        ids = np.full((len(sequences), int(lengths.max(initial=0))), pad_id, dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            ids[row, : len(sequence)] = sequence
+        return cls(ids, lengths)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.lengths.shape[0])
+
+    @property
+    def tokens(self) -> int:
+        """Real tokens: the rows of a token-level answer."""
+        return int(np.sum(self.lengths))
+
+    def packed(self) -> TokenBatch:
+        """The same batch packed: (sum(lengths),) ids, padding dropped."""
+        if self.ids.ndim == 1:
+            return self
+        ids = np.concatenate([row[:n] for row, n in zip(self.ids, self.lengths, strict=True)])
+        return TokenBatch(ids, self.lengths, self.scored_ids)
+
+
+TeacherInputs = np.ndarray | TokenBatch
+"""What one request carries: a tensor batch (image models) or a `TokenBatch` (sequence models)."""
 
 
 @dataclass(frozen=True)
 class TaskTargets:
     """One task's soft targets for a batch: dense `values` (batch, classes), or top-k `values` and
-    `indices` (batch, k) with `tail_mass` (batch,) = the probability left outside the top k."""
+    `indices` (batch, k) with `tail_mass` (batch,) = the probability left outside the top k.
+
+    A token-level task (`level == "token"`, sequence models) has one row per real token instead of
+    one per sample, (sum(lengths), classes or k), split by `SoftTargets.lengths`; with scored ids it
+    has `scored_values` (sum(lengths), m), the log-probabilities at T at those ids. Indices are
+    int64 whatever their wire dtype (UINT8, UINT16, INT32)."""
 
     task: str
     kind: str
     values: np.ndarray
     indices: np.ndarray | None = None
     tail_mass: np.ndarray | None = None
+    level: str = "sequence"
+    scored_values: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +124,7 @@ class SoftTargets:
     temperature: float
     outputs: dict[str, TaskTargets]
     hints: dict[str, np.ndarray] = field(default_factory=dict)
+    lengths: np.ndarray | None = None  # sequence requests: (batch,) int64, splits token rows
 
     def tensor(self, task: str) -> torch.Tensor:
         """The task's values as a float32 torch tensor (batch, classes or k)."""
@@ -78,7 +134,17 @@ class SoftTargets:
 
     @property
     def batch_size(self) -> int:
+        """Samples (sequences for a sequence model, not token rows)."""
+        if self.lengths is not None:
+            return int(self.lengths.shape[0])
         return int(next(iter(self.outputs.values())).values.shape[0])
+
+    def split(self, task: str) -> list[np.ndarray]:
+        """A token-level task's values, one (length_i, classes or k) view per sequence."""
+        if self.lengths is None:
+            raise ValueError(f"split: answer has no lengths (task {task!r} is not token-level)")
+        ends = np.cumsum(self.lengths)[:-1]
+        return np.split(self.outputs[task].values, ends)
 
 
 @dataclass(frozen=True)
@@ -86,6 +152,31 @@ class TaskInfo:
     name: str
     class_names: tuple[str, ...]
     test_accuracy: float | None = None
+    level: str = "sequence"  # "token": one row per real token (sequence models)
+    num_classes: int = 0  # a vocabulary task has no class names: class i is token id i
+
+    @property
+    def classes(self) -> int:
+        return self.num_classes or len(self.class_names)
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The tokenizer a sequence model's ids come from (its file: `TeacherClient.tokenizer()`)."""
+
+    file_name: str
+    sha256: str  # "sha256:<hex>" of the file's bytes
+    vocab_size: int
+    special_ids: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TokenizerFile:
+    """A downloaded tokenizer file, its SHA-256 checked against the teacher's."""
+
+    file_name: str
+    sha256: str
+    content: bytes
 
 
 @dataclass(frozen=True)
@@ -101,6 +192,12 @@ class ModelInfo:
     max_batch_size: int
     description: str = ""
     parameter_count: int = 0
+    input_kind: str = "tensor"  # "tokens": variable-length id sequences (send `TokenBatch`)
+    max_length: int = 0  # tokens: the longest sequence
+    vocab_size: int = 0  # tokens: ids in [0, vocab_size)
+    max_batch_tokens: int = 0  # tokens: real tokens the teacher merges into one forward (0: none)
+    tokenizer: TokenizerInfo | None = None
+    held_out_metrics: dict[str, float] = field(default_factory=dict)
 
     def task(self, name: str) -> TaskInfo:
         for task in self.tasks:

@@ -7,6 +7,12 @@
         targets = teacher.soft_targets(images, temperature=4.0)  # images: (batch, 1, 28, 28)
         probs = targets.tensor("digit")                          # (batch, 10) float32
 
+    with TeacherClient("127.0.0.1:50051") as teacher:           # a sequence model
+        batch = TokenBatch.padded([[1, 57, 402], [1, 88]])       # ids (2, 3), lengths (2,)
+        targets = teacher.sequence_targets(batch, top_k=8, temperature=2.0)
+        rows = targets.outputs["next_token"]                     # (5, 8): one row per real token
+        per_sequence = targets.split("next_token")               # [(3, 8), (2, 8)]
+
 Every server error is raised as its `protocol.errors` class (`InvalidArgument`, `NotFound`, ...),
 whatever the transport; a teacher that cannot be reached raises `Unavailable` naming the address.
 """
@@ -14,6 +20,7 @@ whatever the transport; a teacher that cannot be reached raises `Unavailable` na
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import queue
 import time
 import uuid
@@ -24,7 +31,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from protocol.errors import Unavailable
+from protocol.errors import FailedPrecondition, Unavailable
 from student_client.online.grpc_transport import GrpcTransport
 from student_client.online.http_transport import HttpTransport
 from student_client.online.retry import DEFAULT_RETRY, RetryPolicy, call_with_retries
@@ -34,8 +41,16 @@ from student_client.types import (
     ModelSummary,
     SoftTargets,
     TargetOptions,
+    TeacherInputs,
+    TokenBatch,
+    TokenizerFile,
     as_numpy,
 )
+
+
+def file_sha256(content: bytes) -> str:
+    """`"sha256:<hex>"` of a file's bytes: how the protocol names a tokenizer."""
+    return "sha256:" + hashlib.sha256(content).hexdigest()
 
 
 class Stream(Protocol):
@@ -43,7 +58,7 @@ class Stream(Protocol):
     to `open_stream` as `(tag, batch_id, answer)`, and a broken stream as `(tag, None, error)`."""
 
     def send(
-        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
     ) -> None: ...
 
     def close(self) -> None: ...
@@ -58,8 +73,10 @@ class Transport(Protocol):
 
     def reload(self, model: str) -> list[ModelSummary]: ...
 
+    def tokenizer(self, model: str, model_version: str = "") -> TokenizerFile: ...
+
     def soft_targets(
-        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
     ) -> SoftTargets: ...
 
     def open_stream(self, events: queue.Queue[Event], tag: object) -> Stream: ...
@@ -155,6 +172,21 @@ class TeacherClient:
             self.retry, lambda: self._transport.model_info(name, model_version)
         )
 
+    def tokenizer(self, model: str | None = None, model_version: str = "") -> TokenizerFile:
+        """A sequence model's tokenizer file (GetTokenizer over gRPC, GET
+        /v1/models/{model}/tokenizer over HTTP), its bytes checked against the SHA-256 the teacher
+        states; a model without a tokenizer raises `FailedPrecondition` (field `model`)."""
+        name = self.resolve_model(model)
+        file = call_with_retries(self.retry, lambda: self._transport.tokenizer(name, model_version))
+        actual = file_sha256(file.content)
+        if file.sha256 != actual:
+            raise FailedPrecondition(
+                f"tokenizer: teacher at {self.address} states {file.sha256!r} for model {name!r} "
+                f"but the file received hashes to {actual!r}",
+                "tokenizer",
+            )
+        return file
+
     def reload(self, model: str) -> list[ModelSummary]:
         """Admin: make the teacher re-read `model`'s repository folder; returns the versions it
         serves afterwards. Needs the token when the teacher has auth on."""
@@ -186,11 +218,49 @@ class TeacherClient:
         )
         return self.soft_targets_with(inputs, options, batch_id)
 
-    def soft_targets_with(
-        self, inputs: np.ndarray | torch.Tensor, options: TargetOptions, batch_id: str | None = None
+    def sequence_targets(
+        self,
+        batch: TokenBatch,
+        model: str | None = None,
+        tasks: Sequence[str] = (),
+        temperature: float = 1.0,
+        output: str = "probs",
+        top_k: int = 0,
+        output_dtype: str = "float32",
+        model_version: str = "",
+        scored_ids: np.ndarray | None = None,
+        tokenizer_hash: str = "",
+        batch_id: str | None = None,
     ) -> SoftTargets:
-        """Like `soft_targets`, with the options as one `TargetOptions`."""
-        array, model = as_numpy(inputs), self.resolve_model(options.model)
+        """A sequence model's soft targets for one `TokenBatch` (padded or packed). Token-level
+        tasks answer one row per real token (`targets.split(task)` gives them per sequence);
+        `scored_ids` (sum(lengths), m) overrides the batch's own; `tokenizer_hash`, when given,
+        makes the teacher refuse (`FailedPrecondition`) ids of another tokenizer."""
+        if scored_ids is not None:
+            batch = dataclasses.replace(batch, scored_ids=scored_ids)
+        options = TargetOptions(
+            model,
+            tuple(tasks),
+            temperature,
+            output,
+            top_k,
+            output_dtype,
+            (),
+            model_version,
+            tokenizer_hash,
+        )
+        return self.soft_targets_with(batch, options, batch_id)
+
+    def soft_targets_with(
+        self,
+        inputs: np.ndarray | torch.Tensor | TokenBatch,
+        options: TargetOptions,
+        batch_id: str | None = None,
+    ) -> SoftTargets:
+        """Like `soft_targets` (or `sequence_targets` for a `TokenBatch`), with the options as one
+        `TargetOptions`."""
+        array = inputs if isinstance(inputs, TokenBatch) else as_numpy(inputs)
+        model = self.resolve_model(options.model)
         batch_id = batch_id if batch_id is not None else uuid.uuid4().hex
         return call_with_retries(
             self.retry, lambda: self._transport.soft_targets(array, options, model, batch_id)

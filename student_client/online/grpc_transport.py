@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import grpc
-import numpy as np
 
 from protocol.errors import (
     GRPC_CODE_KEY,
@@ -27,7 +26,15 @@ from protocol.errors import (
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from student_client.online.messages import model_info_from_pb, request_to_pb, soft_targets_from_pb
-from student_client.types import Event, ModelInfo, ModelSummary, SoftTargets, TargetOptions
+from student_client.types import (
+    Event,
+    ModelInfo,
+    ModelSummary,
+    SoftTargets,
+    TargetOptions,
+    TeacherInputs,
+    TokenizerFile,
+)
 
 T = TypeVar("T")
 
@@ -84,7 +91,9 @@ class GrpcStream:
         if not self._closed.is_set():
             self._events.put((self._tag, None, broken))
 
-    def send(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
+    def send(
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
+    ) -> None:
         self._outgoing.put(request_to_pb(inputs, options, model, batch_id))
 
     def close(self) -> None:
@@ -155,6 +164,11 @@ class GrpcTransport:
         request = pb.GetModelInfoRequest(model=model, model_version=model_version)
         return model_info_from_pb(self._call(self._stub.GetModelInfo, request))
 
+    def tokenizer(self, model: str, model_version: str = "") -> TokenizerFile:
+        request = pb.GetTokenizerRequest(model=model, model_version=model_version)
+        response = self._call(self._stub.GetTokenizer, request)
+        return TokenizerFile(response.file_name, response.sha256, response.content)
+
     def reload(self, model: str) -> list[ModelSummary]:
         response = self._call(self._stub.ReloadModel, pb.ReloadModelRequest(model=model))
         return [
@@ -163,7 +177,7 @@ class GrpcTransport:
         ]
 
     def soft_targets(
-        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
     ) -> SoftTargets:
         request = request_to_pb(inputs, options, model, batch_id)
         return soft_targets_from_pb(self._call(self._stub.GetSoftTargets, request))

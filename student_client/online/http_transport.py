@@ -28,6 +28,10 @@ from student_client.types import (
     TargetOptions,
     TaskInfo,
     TaskTargets,
+    TeacherInputs,
+    TokenBatch,
+    TokenizerFile,
+    TokenizerInfo,
 )
 
 
@@ -43,6 +47,8 @@ def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
             values=_array(entry["values"]),
             indices=_array(entry["indices"], "int64") if "indices" in entry else None,
             tail_mass=_array(entry["tail_mass"]) if "tail_mass" in entry else None,
+            level=entry.get("level", "sequence"),
+            scored_values=_array(entry["scored_values"]) if "scored_values" in entry else None,
         )
         for task, entry in body["outputs"].items()
     }
@@ -53,10 +59,12 @@ def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
         temperature=body["temperature"],
         outputs=outputs,
         hints={name: _array(value) for name, value in body.get("hints", {}).items()},
+        lengths=_array(body["lengths"], "int64") if body.get("lengths") is not None else None,
     )
 
 
 PROTOBUF = "application/x-protobuf"
+TOKENIZER_SHA256_HEADER = "x-tokenizer-sha256"
 
 
 def _summary(entry: dict[str, Any]) -> ModelSummary:
@@ -134,7 +142,13 @@ class HttpTransport:
             name=body["name"],
             model_version=body["model_version"],
             tasks=tuple(
-                TaskInfo(t["name"], tuple(t["class_names"]), t.get("test_accuracy"))
+                TaskInfo(
+                    t["name"],
+                    tuple(t["class_names"]),
+                    t.get("test_accuracy"),
+                    t.get("level", "sequence"),
+                    t.get("num_classes", 0),
+                )
                 for t in body["tasks"]
             ),
             input_shape=tuple(body["input_shape"]),
@@ -145,19 +159,44 @@ class HttpTransport:
             max_batch_size=body["max_batch_size"],
             description=body.get("description", ""),
             parameter_count=body.get("parameter_count", 0),
+            input_kind=body.get("input_kind", "tensor"),
+            max_length=body.get("max_length", 0),
+            vocab_size=body.get("vocab_size", 0),
+            max_batch_tokens=body.get("max_batch_tokens", 0),
+            tokenizer=TokenizerInfo(
+                tokenizer["file_name"],
+                tokenizer["sha256"],
+                tokenizer["vocab_size"],
+                dict(tokenizer.get("special_ids", {})),
+            )
+            if (tokenizer := body.get("tokenizer"))
+            else None,
+            held_out_metrics=dict(body.get("held_out_metrics", {})),
+        )
+
+    def tokenizer(self, model: str, model_version: str = "") -> TokenizerFile:
+        query = f"?model_version={model_version}" if model_version else ""
+        response = self._send("GET", f"/v1/models/{model}/tokenizer{query}")
+        disposition = response.headers.get("content-disposition", "")
+        file_name = (
+            disposition.split("filename=", 1)[1].strip('"') if "filename=" in disposition else ""
+        )
+        return TokenizerFile(
+            file_name, response.headers.get(TOKENIZER_SHA256_HEADER, ""), response.content
         )
 
     def soft_targets(
-        self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
     ) -> SoftTargets:
         path = f"/v1/models/{model}/soft-targets"
         if self.binary:
             message = request_to_pb(inputs, options, model, batch_id).SerializeToString()
             response = self._send("POST", path, content=message, headers={"content-type": PROTOBUF})
             return soft_targets_from_pb(pb.SoftTargetsResponse.FromString(response.content))
-        body = {
-            "inputs": inputs.tolist(),
-            "dtype": inputs.dtype.name,
+        ids = inputs.ids if isinstance(inputs, TokenBatch) else inputs
+        body: dict[str, Any] = {
+            "inputs": ids.tolist(),
+            "dtype": ids.dtype.name,
             "tasks": list(options.tasks),
             "temperature": options.temperature,
             "output": options.output,
@@ -167,6 +206,11 @@ class HttpTransport:
             "output_dtype": options.output_dtype,
             "hints": list(options.hints),
         }
+        if isinstance(inputs, TokenBatch):  # sequence fields only for sequences (older servers)
+            body["lengths"] = inputs.lengths.tolist()
+            body["tokenizer_hash"] = options.tokenizer_hash
+            if inputs.scored_ids is not None:
+                body["scored_ids"] = inputs.scored_ids.tolist()
         return soft_targets_from_json(self._request("POST", path, body))
 
     def open_stream(self, events: queue.Queue[Event], tag: object) -> HttpStream:
@@ -188,7 +232,9 @@ class HttpStream:
         self._tag = tag
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="http-stream")
 
-    def _one(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
+    def _one(
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
+    ) -> None:
         try:
             answer: SoftTargets | TeacherError = self._transport.soft_targets(
                 inputs, options, model, batch_id
@@ -197,7 +243,9 @@ class HttpStream:
             answer = error
         self._events.put((self._tag, batch_id, answer))
 
-    def send(self, inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str) -> None:
+    def send(
+        self, inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
+    ) -> None:
         self._pool.submit(self._one, inputs, options, model, batch_id)
 
     def close(self) -> None:

@@ -52,7 +52,14 @@ from student_client.offline.scope import CachedRows
 from student_client.online.cache_pass import CachePass
 from student_client.online.client import Stream, TeacherClient
 from student_client.online.retry import RetryBudget, is_retryable
-from student_client.types import Event, SoftTargets, TargetOptions, as_numpy
+from student_client.types import (
+    Event,
+    SoftTargets,
+    TargetOptions,
+    TeacherInputs,
+    TokenBatch,
+    as_numpy,
+)
 
 
 @dataclass
@@ -76,7 +83,7 @@ class _Lane:
 
     stream: Stream
     generation: int
-    awaited: dict[str, np.ndarray] = field(default_factory=dict)
+    awaited: dict[str, TeacherInputs] = field(default_factory=dict)
 
 
 class SoftTargetLoader:
@@ -152,14 +159,21 @@ class _Pass:
     def _open(self, index: int, generation: int) -> _Lane:
         return _Lane(self.client.open_stream(self.events, (index, generation)), generation)
 
-    def _send(self, index: int, batch_id: str, array: np.ndarray) -> None:
+    def _send(self, index: int, batch_id: str, array: TeacherInputs) -> None:
         if not self.lanes:
             self.lanes = [self._open(i, 0) for i in range(self.loader.streams)]
         lane = self.lanes[index % len(self.lanes)]
         lane.awaited[batch_id] = array
         lane.stream.send(array, self.options, self.model, batch_id)
 
-    def _encode(self, inputs: Any) -> np.ndarray:
+    def _encode(self, inputs: Any) -> TeacherInputs:
+        if isinstance(inputs, TokenBatch):  # sequences: `input_dtype` converts the ids
+            if self.cached is not None:
+                raise ValueError("cache: token batches are not cached (no per-sequence keys)")
+            wanted_ids = self.loader.input_dtype
+            if wanted_ids is None or inputs.ids.dtype == np.dtype(wanted_ids):
+                return inputs
+            return dataclasses.replace(inputs, ids=inputs.ids.astype(wanted_ids))
         array = as_numpy(inputs)
         wanted = self.loader.input_dtype
         if wanted is None or array.dtype == np.dtype(wanted):
@@ -201,6 +215,7 @@ class _Pass:
             array = self._encode(inputs)
             cached = answer = None
             if self.cached is not None:
+                assert isinstance(array, np.ndarray)  # `_encode` refuses token batches
                 cached = self.cached.lookup(array)
                 if cached.complete:
                     answer = self.cached.answer(cached, batch_id)
@@ -240,11 +255,11 @@ class _Pass:
                         self.stats.cached_batches += 1
                     else:
                         missing = item.cached.missing if item.cached is not None else None
-                        self._send(
-                            item.index,
-                            item.batch_id,
-                            item.array if missing is None else item.array[missing],
-                        )
+                        array = item.array
+                        if missing is not None:
+                            assert isinstance(array, np.ndarray)
+                            array = array[missing]
+                        self._send(item.index, item.batch_id, array)
                         self.stats.sent += 1
                     pending.append((item.batch_id, item.inputs, item.labels, item.cached))
                 if not pending:
@@ -354,7 +369,7 @@ class _Prepared:
     batch_id: str
     inputs: Any
     labels: Any
-    array: np.ndarray  # the inputs as sent
+    array: TeacherInputs  # the inputs as sent
     cached: CachedRows | None
     answer: SoftTargets | None  # the whole batch from the cache
 

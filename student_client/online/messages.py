@@ -13,6 +13,9 @@ from student_client.types import (
     TargetOptions,
     TaskInfo,
     TaskTargets,
+    TeacherInputs,
+    TokenBatch,
+    TokenizerInfo,
 )
 
 _KINDS = {pb.PROBS: "probs", pb.LOG_PROBS: "log_probs", pb.LOGITS: "logits"}
@@ -24,22 +27,28 @@ def _decode_array(tensor: pb.Tensor, field: str) -> np.ndarray:
 
 
 def request_to_pb(
-    inputs: np.ndarray, options: TargetOptions, model: str, batch_id: str
+    inputs: TeacherInputs, options: TargetOptions, model: str, batch_id: str
 ) -> pb.SoftTargetsRequest:
     if options.output not in _KINDS_TO_PB:
         raise ValueError(f"output must be one of {list(_KINDS_TO_PB)}, got {options.output!r}")
-    return pb.SoftTargetsRequest(
+    request = pb.SoftTargetsRequest(
         model=model,
         model_version=options.model_version,
         tasks=list(options.tasks),
         temperature=options.temperature,
         output=_KINDS_TO_PB[options.output],
-        inputs=codec.encode(inputs),
+        inputs=codec.encode(inputs.ids if isinstance(inputs, TokenBatch) else inputs),
         batch_id=batch_id,
         top_k=options.top_k,
         output_dtype=codec.parse_dtype_name(options.output_dtype, "output_dtype"),
         hints=list(options.hints),
+        tokenizer_hash=options.tokenizer_hash,
     )
+    if isinstance(inputs, TokenBatch):
+        request.lengths.CopyFrom(codec.encode(np.ascontiguousarray(inputs.lengths)))
+        if inputs.scored_ids is not None:
+            request.scored_ids.CopyFrom(codec.encode(np.ascontiguousarray(inputs.scored_ids)))
+    return request
 
 
 def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
@@ -56,6 +65,10 @@ def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
             tail_mass=_decode_array(output.tail_mass, field + ".tail_mass")
             if output.HasField("tail_mass")
             else None,
+            level=output.level or "sequence",
+            scored_values=_decode_array(output.scored_values, field + ".scored_values")
+            if output.HasField("scored_values")
+            else None,
         )
     return SoftTargets(
         model=message.model,
@@ -66,6 +79,9 @@ def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
         hints={
             hint.name: _decode_array(hint.tensor, f"hints[{hint.name}]") for hint in message.hints
         },
+        lengths=_decode_array(message.lengths, "lengths").astype(np.int64)
+        if message.HasField("lengths")
+        else None,
     )
 
 
@@ -78,6 +94,8 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
                 t.name,
                 tuple(t.class_names),
                 t.test_accuracy if t.HasField("test_accuracy") else None,
+                t.level or "sequence",
+                t.num_classes,
             )
             for t in message.tasks
         ),
@@ -89,4 +107,17 @@ def model_info_from_pb(message: pb.ModelInfo) -> ModelInfo:
         max_batch_size=message.max_batch_size,
         description=message.description,
         parameter_count=message.parameter_count,
+        input_kind=message.input_kind or "tensor",
+        max_length=message.max_length,
+        vocab_size=message.vocab_size,
+        max_batch_tokens=message.max_batch_tokens,
+        tokenizer=TokenizerInfo(
+            message.tokenizer.file_name,
+            message.tokenizer.sha256,
+            message.tokenizer.vocab_size,
+            dict(message.tokenizer.special_ids),
+        )
+        if message.HasField("tokenizer")
+        else None,
+        held_out_metrics=dict(message.held_out_metrics),
     )
