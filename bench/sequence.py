@@ -269,22 +269,26 @@ class InProcess:
         )
         return validate(request, self.info)
 
-    def measure(self, requests: Sequence[ValidatedRequest], budget: Budget) -> Cell:
-        """The faster of torch's default threads (the server's setting) and one thread: on a
-        loaded machine one thread can win, and the limit is the best this process reaches."""
+    def measure(self, label: str, groups: Sequence[list[ValidatedRequest]], budget: Budget) -> Cell:
+        """`SequenceEngine.run` on each group of requests in turn (one merged forward each, as
+        the batcher's worker runs it), in the faster of torch's default threads (the server's
+        setting) and one thread: on a loaded machine one thread can win."""
 
-        def call(item: ValidatedRequest) -> None:
-            self.engine.run([item])
+        def call(group: list[ValidatedRequest]) -> None:
+            self.engine.run(group)
 
         threads = torch.get_num_threads()
         best: Cell | None = None
         for count in sorted({threads, 1}, reverse=True):
             torch.set_num_threads(count)
             try:
-                cell = time_loop("in-process", call, requests, budget)
+                cell = time_loop(label, call, groups, budget)
             finally:
                 torch.set_num_threads(threads)
-            cell.note = f"SequenceEngine.run, best of torch threads {threads} and 1: {count}"
+            cell.note = (
+                f"{len(groups[0])} request(s) per SequenceEngine.run; best of torch threads "
+                f"{threads} and 1: {count}"
+            )
             if best is None or cell.tokens_per_s > best.tokens_per_s:
                 best = cell
         assert best is not None
@@ -293,26 +297,27 @@ class InProcess:
 
 def time_loop(
     label: str,
-    call: Callable[[ValidatedRequest], object],
-    requests: Sequence[ValidatedRequest],
+    call: Callable[[list[ValidatedRequest]], object],
+    groups: Sequence[list[ValidatedRequest]],
     budget: Budget,
 ) -> Cell:
-    """`call` back to back on the requests in turn: an untimed warm-up, then the timed loop."""
+    """`call` back to back on the groups in turn: an untimed warm-up, then the timed loop
+    (latencies per call)."""
     warm_end = time.perf_counter() + budget.warmup_s
     for i in range(budget.max_calls):
-        call(requests[i % len(requests)])
+        call(groups[i % len(groups)])
         if time.perf_counter() >= warm_end:
             break
     cell = Cell(label)
     start = time.perf_counter()
     for i in range(budget.max_calls):
-        item = requests[i % len(requests)]
+        group = groups[i % len(groups)]
         sent = time.perf_counter()
-        call(item)
+        call(group)
         done = time.perf_counter()
         cell.latencies_s.append(done - sent)
-        cell.requests += 1
-        cell.tokens += int(item.tokens)
+        cell.requests += len(group)
+        cell.tokens += sum(item.tokens for item in group)
         if done - start >= budget.duration_s and cell.requests >= budget.min_calls:
             break
     cell.seconds = time.perf_counter() - start
@@ -456,19 +461,41 @@ class ThroughputRow:
     def marked(self) -> bool:
         return self.tokens_per_request >= MARKED_TOKENS
 
+    @property
+    def limit(self) -> float:
+        """The best in-process tokens/s: merged forwards, or one request per forward."""
+        return max(
+            self.cells["in-process"].tokens_per_s, self.cells["in-process-single"].tokens_per_s
+        )
+
     def ratio(self, transport: str) -> float:
-        return ratio(self.cells[transport].tokens_per_s, self.cells["in-process"].tokens_per_s)
+        return ratio(self.cells[transport].tokens_per_s, self.limit)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "length": self.length,
             "batch_size": self.batch_size,
             "tokens_per_request": self.tokens_per_request,
+            "merged_requests_in_process": merged_requests(self.tokens_per_request, self.batch_size),
             "marked": self.marked,
             "cells": {name: cell.to_json() for name, cell in self.cells.items()},
+            "in_process_limit_tokens_per_s": round(self.limit, 2),
             "ratio_grpc_stream": round(self.ratio("grpc-stream"), 4),
             "ratio_http_protobuf": round(self.ratio("http-protobuf"), 4),
         }
+
+
+def merged_requests(tokens_per_request: int, sequences_per_request: int) -> int:
+    """How many requests of one cell the batcher can merge into one forward at best: those in
+    flight on the stream, within the default token budget and batch size (at least one)."""
+    return max(
+        1,
+        min(
+            STREAM_DEPTH,
+            DEFAULT_MAX_BATCH_TOKENS // tokens_per_request,
+            DEFAULT_MAX_BATCH_SIZE // sequences_per_request,
+        ),
+    )
 
 
 def bench_throughput(
@@ -489,8 +516,13 @@ def bench_throughput(
             full = np.full(size, length, dtype=np.int64)
             messages = [request_pb(local.name, x, full, TOP_K, pb.FLOAT16) for x in ids]
             validated = [local.validated(x, full) for x in ids]
+            merge = merged_requests(length * size, size)
+            merged = [[validated[(i * merge + j) % 4] for j in range(merge)] for i in range(4)]
             cells = {
-                "in-process": local.measure(validated, budget),
+                "in-process": local.measure("in-process", merged, budget),
+                "in-process-single": local.measure(
+                    "in-process-single", [[item] for item in validated], budget
+                ),
                 "grpc-stream": measure_stream(stub, messages, budget),
                 "http-protobuf": measure_http(
                     url,
@@ -514,20 +546,22 @@ def bench_throughput(
 def print_throughput(rows: Sequence[ThroughputRow]) -> None:
     print_table(
         f"1. Tokens/s, top-{TOP_K} log-probs float16 of {LM_TASK} (* : >= {MARKED_TOKENS:,} "
-        "tokens per request, target served >= 0.8x in-process)",
-        ["L", "N", "tokens/req", "in-process", "gRPC stream", "ratio", "HTTP protobuf", "ratio",
-         "in-proc p50 ms", "stream p50 ms", "http p50 ms"],
+        "tokens per request, target served >= 0.8x in-process); ratio: served / the better "
+        "in-process column; merged: requests per in-process forward",
+        ["L", "N", "tokens/req", "merged", "in-proc merged", "in-proc 1/fwd", "gRPC stream", "ratio",
+         "HTTP protobuf", "ratio", "stream p50 ms", "http p50 ms"],
         [
             [
                 r.length,
                 r.batch_size,
                 f"{r.tokens_per_request:,}{' *' if r.marked else ''}",
+                merged_requests(r.tokens_per_request, r.batch_size),
                 r.cells["in-process"].tokens_per_s,
+                r.cells["in-process-single"].tokens_per_s,
                 r.cells["grpc-stream"].tokens_per_s,
                 r.ratio("grpc-stream"),
                 r.cells["http-protobuf"].tokens_per_s,
                 r.ratio("http-protobuf"),
-                r.cells["in-process"].p50_ms,
                 r.cells["grpc-stream"].p50_ms,
                 r.cells["http-protobuf"].p50_ms,
             ]

@@ -49,7 +49,13 @@ def test_quick_run(tmp_path: Path) -> None:
         (length, size) for length in sequence.QUICK_LENGTHS for size in sequence.QUICK_BATCH_SIZES
     ]
     for row in rows:
-        assert set(row["cells"]) == {"in-process", "grpc-stream", "http-protobuf"}
+        assert set(row["cells"]) == {
+            "in-process",
+            "in-process-single",
+            "grpc-stream",
+            "http-protobuf",
+        }
+        assert positive_finite(row["in_process_limit_tokens_per_s"])
         for cell in row["cells"].values():
             assert cell["tokens"] == cell["requests"] * row["tokens_per_request"]
             assert positive_finite(cell["tokens_per_s"])
