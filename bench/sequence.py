@@ -33,6 +33,12 @@ The default teacher reads at most 128 tokens; it uses rotary positions (no table
 
 from __future__ import annotations
 
+# First, before torch loads: the package sets OMP_WAIT_POLICY=PASSIVE, as in the server process,
+# so the in-process limit runs with the server's OpenMP settings.
+import teacher_server  # noqa: F401
+
+# isort: split
+
 import argparse
 import json
 import math
