@@ -13,12 +13,13 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from student_client.types import ModelInfo, SoftTargets, TargetOptions, TaskTargets
+from student_client.types import ModelInfo, SoftTargets, TargetOptions, TaskTargets, TokenBatch
 
 if TYPE_CHECKING:
     from student_client.offline.cache import SoftTargetCache
     from student_client.online.client import TeacherClient
     from student_client.online.loader import SoftTargetLoader
+    from student_client.online.token_loader import TokenTargetLoader
 
 # Imported on first use, so that `import student_client.offline.reader` (training from an export)
 # does not load grpc and httpx through this package's own import.
@@ -26,6 +27,7 @@ _LAZY = {
     "SoftTargetCache": "student_client.offline.cache",
     "SoftTargetLoader": "student_client.online.loader",
     "TeacherClient": "student_client.online.client",
+    "TokenTargetLoader": "student_client.online.token_loader",
 }
 
 
@@ -46,4 +48,6 @@ __all__ = [
     "TargetOptions",
     "TaskTargets",
     "TeacherClient",
+    "TokenBatch",
+    "TokenTargetLoader",
 ]
