@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     sequence_parser.add_argument(
         "--small", action="store_true", help="a tiny model in seconds (for tests)"
     )
+    sequence_parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        help="lower this process's CPU priority by N first (the server's background training: 10)",
+    )
     _add_package_parser(commands)
     args = parser.parse_args(argv)
 
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
             train_default_sequence_teacher,
         )
 
+        if args.nice:
+            os.nice(args.nice)
         train_default_sequence_teacher(args.out, small=args.small, seed=args.seed)
     else:
         logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -183,6 +183,7 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         "; bearer token required" if token else "",
     )
 
+    core.start_background_training()  # the default sequence teacher, if asked: not before ready
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -29,6 +29,16 @@ class Settings(BaseSettings):
     train_default_if_missing: bool = Field(
         True, description="train the default MNIST teacher into the repository if it has no model"
     )
+    default_sequence_teacher: bool = Field(
+        True,
+        description="with train_default_if_missing, also train the default sequence teacher "
+        "(pydoc-causal-lm, about 4 min on 2 CPU cores) into a repository that holds no model but "
+        "the MNIST one: in a child process at low priority once the server is ready, then loaded",
+    )
+    default_sequence_small: bool = Field(
+        False,
+        description="train the default sequence teacher's tiny recipe instead (seconds; for tests)",
+    )
     repository_poll_s: float = Field(
         0.0,
         ge=0,

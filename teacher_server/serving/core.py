@@ -15,12 +15,19 @@ version it started with) and then unloaded. A model folder that fails to load is
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from protocol.errors import FailedPrecondition, NotFound, TeacherError, Unavailable
+from teacher_server.repository.background_training import (
+    BackgroundTrainingError,
+    needs_default_sequence_teacher,
+    train_default_sequence_in_background,
+)
+from teacher_server.repository.default_sequence_teacher import DEFAULT_SEQUENCE_MODEL_NAME
 from teacher_server.repository.default_teacher import ensure_default_teacher
 from teacher_server.repository.model_config import ModelLoadError, file_sha256
 from teacher_server.repository.store import (
@@ -145,6 +152,7 @@ class TeacherCore:
         self._started = False
         self._reload_lock = asyncio.Lock()
         self._poll_task: asyncio.Task[None] | None = None
+        self._training_task: asyncio.Task[None] | None = None  # the default sequence teacher
         self._draining: set[asyncio.Task[None]] = set()  # old versions finishing after a reload
         self.metrics = Metrics()
         self.metrics.watch_queues(self._queue_depths)
@@ -275,10 +283,52 @@ class TeacherCore:
         if self.settings.repository_poll_s > 0:
             self._poll_task = asyncio.create_task(self._poll(), name="repository-poll")
 
+    def start_background_training(self) -> None:
+        """Once serving: train the default sequence teacher in the background if the settings
+        ask for it (`default_sequence_teacher` and `train_default_if_missing`) and the
+        repository is the defaults' one without it; it is loaded by `reload` when trained."""
+        settings = self.settings
+        if not (settings.train_default_if_missing and settings.default_sequence_teacher):
+            return
+        if not needs_default_sequence_teacher(settings.model_repository):
+            return
+        self._training_task = asyncio.create_task(
+            self._train_default_sequence(), name="train-default-sequence"
+        )
+
+    async def _train_default_sequence(self) -> None:
+        name, root = DEFAULT_SEQUENCE_MODEL_NAME, self.settings.model_repository
+        log.info(
+            "training the default sequence teacher %r into %s in the background (a child "
+            "process at low priority%s); the other models are served meanwhile",
+            name,
+            root,
+            ", tiny recipe" if self.settings.default_sequence_small else ", about 4 min on 2 cores",
+        )
+        started = time.perf_counter()
+        try:
+            await train_default_sequence_in_background(root, self.settings.default_sequence_small)
+            await self.reload(name)
+        except (BackgroundTrainingError, OSError, TeacherError) as error:
+            message = error.message if isinstance(error, TeacherError) else str(error)
+            log.error("default sequence teacher %r not served: %s", name, message)
+            return
+        served = self.models[name]
+        log.info(
+            "default sequence teacher %r trained and served after %.0fs; held-out perplexity %s",
+            name,
+            time.perf_counter() - started,
+            served.versions[served.default].info.held_out_metrics.get("perplexity", "unknown"),
+        )
+
     async def stop(self) -> None:
         self.ready = False
         if self._poll_task is not None:
             self._poll_task.cancel()
+        if self._training_task is not None:
+            self._training_task.cancel()  # kills the training child
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._training_task
         if self._draining:
             await asyncio.gather(*self._draining)
         for served in self.models.values():

@@ -1,26 +1,37 @@
 """The default sequence teacher's small run gives a loadable folder; sequence configs parse (or
-fail naming the field); the server serves a sequence model beside the others."""
+fail naming the field); the server serves a sequence model beside the others, and trains the
+default one in the background after it is ready when asked (never with train_default_if_missing
+off, as every other test runs)."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import math
 import re
+import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
+from protocol import codec
+from protocol.v1 import teacher_pb2 as pb
 from teacher_server.models.causal_transformer import CausalTransformer
 from teacher_server.models.text_classifier import TokenClassifier
+from teacher_server.repository.background_training import needs_default_sequence_teacher
 from teacher_server.repository.default_sequence_teacher import (
     corpus_split,
     train_default_sequence_teacher,
 )
+from teacher_server.repository.default_teacher import DEFAULT_MODEL_NAME
 from teacher_server.repository.model_config import (
     ModelConfig,
     ModelLoadError,
@@ -206,3 +217,91 @@ def test_the_server_serves_a_sequence_model_beside_the_others(
     assert set(core.models) == {"bag", NAME} and not core.failures
     assert core.model_info(NAME).input_kind == "tokens"
     assert core.model_info("bag").input_kind == "tensor"
+
+
+# --- trained in the background by a serving teacher ---------------------------------------------
+
+BACKGROUND_WAIT_S = 240.0
+
+
+def test_only_the_defaults_repository_gets_the_sequence_teacher(
+    tmp_path: Path, trained: tuple[Path, dict[str, float]]
+) -> None:
+    assert needs_default_sequence_teacher(tmp_path)  # empty: the MNIST one is trained first
+    (tmp_path / DEFAULT_MODEL_NAME).mkdir()
+    (tmp_path / DEFAULT_MODEL_NAME / "config.json").write_text("{}")
+    assert needs_default_sequence_teacher(tmp_path)
+    (tmp_path / ".pydoc-causal-lm.partial-1").mkdir()  # a killed run's leftovers: hidden
+    assert needs_default_sequence_teacher(tmp_path)
+    shutil.copytree(trained[0], tmp_path / NAME)
+    assert not needs_default_sequence_teacher(tmp_path)  # there already
+    other = tmp_path.parent / (tmp_path.name + "-operator")
+    shutil.copytree(trained[0], other / "my-model")
+    assert not needs_default_sequence_teacher(other)  # an operator's repository: left alone
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"train_default_if_missing": False},  # what every test passes: off whatever the rest
+        {"default_sequence_teacher": False},
+    ],
+)
+def test_background_training_is_off_when_either_setting_is(
+    tmp_path: Path, settings: dict[str, bool]
+) -> None:
+    async def started() -> bool:
+        core = TeacherCore(Settings(model_repository=tmp_path, **settings))
+        core.start_background_training()
+        return core._training_task is not None
+
+    assert not asyncio.run(started())
+
+
+def test_the_server_serves_mnist_at_once_and_the_sequence_teacher_once_trained(
+    tmp_path: Path,
+    default_repository: Path,
+    teacher_factory: Callable[..., Any],
+    connect: Callable[..., Any],
+    mnist_test_images: tuple[Any, Any],
+) -> None:
+    root = tmp_path / "repository"
+    shutil.copytree(default_repository / DEFAULT_MODEL_NAME, root / DEFAULT_MODEL_NAME)
+    teacher = teacher_factory(
+        root,
+        "--train-default-if-missing",
+        "true",
+        "--default-sequence-teacher",
+        "true",
+        "--default-sequence-small",
+        "true",
+    )
+    stub, _ = connect(teacher)
+    images = mnist_test_images[0][:4]
+    first = stub.ListModels(pb.ListModelsRequest(), timeout=30)
+    # Ready before the child has even imported torch: the MNIST teacher answers at once.
+    assert [m.name for m in first.models] == [DEFAULT_MODEL_NAME]
+    answer = stub.GetSoftTargets(
+        pb.SoftTargetsRequest(model=DEFAULT_MODEL_NAME, inputs=codec.encode(images)), timeout=30
+    )
+    assert answer.outputs and answer.model == DEFAULT_MODEL_NAME
+    deadline = time.monotonic() + BACKGROUND_WAIT_S
+    while True:
+        names = {m.name for m in stub.ListModels(pb.ListModelsRequest(), timeout=30).models}
+        if NAME in names or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert names == {DEFAULT_MODEL_NAME, NAME}, teacher.log()[-3000:]
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(model=NAME), timeout=30)
+    assert info.input_kind == "tokens" and "perplexity" in info.held_out_metrics
+    ids = np.array([[1, 5, 9, 12, 3], [1, 7, 2, 0, 0]], dtype=np.int64)
+    request = pb.SoftTargetsRequest(model=NAME, inputs=codec.encode(ids), tasks=["next_token"])
+    request.lengths.CopyFrom(codec.encode(np.array([5, 3], dtype=np.int64)))
+    output = stub.GetSoftTargets(request, timeout=30).outputs[0]
+    probs = codec.decode(output.values)
+    assert probs.shape == (8, info.vocab_size)
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-4)
+    assert sorted(p.name for p in root.iterdir() if not p.name.startswith(".")) == sorted(names)
+    log = teacher.log()
+    assert "training the default sequence teacher" in log
+    assert re.search(r"default sequence teacher .* trained and served .*perplexity \d", log)
