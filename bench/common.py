@@ -244,7 +244,9 @@ def teacher_process(
         tempfile.TemporaryDirectory(prefix="bench-teacher-") as folder,
         TeacherProcess(
             repository,
-            extra_args,
+            # A benchmark measures the teacher alone: no background training of the default
+            # sequence teacher beside it.
+            [*extra_args, "--default-sequence-teacher", "false"],
             env={"PYTHONPATH": pythonpath, **(env or {})},
             log=Path(folder) / "server.log",
             start_timeout=300,

@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
     with contextlib.ExitStack() as stack:
         address = args.teacher
         if address is None:
-            address = stack.enter_context(TeacherProcess(args.repository)).grpc_address
+            address = stack.enter_context(
+                TeacherProcess(args.repository, ["--default-sequence-teacher", "false"])
+            ).grpc_address
         client = stack.enter_context(TeacherClient(address))
         for seed in range(args.seeds):
             results["KD only"].append(train(client, seed, args.epochs, None, args))

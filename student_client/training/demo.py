@@ -360,7 +360,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
             cores = os.cpu_count() or 2
             torch.set_num_threads(max(1, cores // 2))
             teacher = stack.enter_context(
-                TeacherProcess(settings.repository, ["--forward-workers", str(cores)])
+                TeacherProcess(
+                    settings.repository,
+                    # No background training of the default sequence teacher: it would take
+                    # the cores the student trains on.
+                    ["--forward-workers", str(cores), "--default-sequence-teacher", "false"],
+                )
             )
             address = teacher.grpc_address
             say(
