@@ -14,6 +14,7 @@ from student_client.online.client import TeacherClient
 from student_client.training.augment import AUGMENTATIONS
 from student_client.training.datasets import mnist_multitask
 from student_client.training.demo import KD_LOSSES, TASK_WEIGHTINGS, DemoSettings, run_demo
+from student_client.training.lm_demo import LMDemoSettings, run_lm_demo
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -94,6 +95,67 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         help="also quantise the distilled student to int8 and report accuracy, size, latency",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _demo_lm_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    defaults = LMDemoSettings()
+    demo = commands.add_parser(
+        "demo-lm",
+        help="start a local sequence teacher, train a tiny LM on the text and distilled, compare",
+        description="The language-model quickstart: the default sequence teacher (trained into "
+        "the repository on first use, about 4 min on 2 cores), a tiny causal LM student trained "
+        "on hard next-token labels and distilled from the teacher's top-k over loopback gRPC, "
+        "held-out perplexity compared.",
+    )
+    demo.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs per student")
+    demo.add_argument("--seed", type=int, default=defaults.seed, help="students' seed")
+    demo.add_argument(
+        "--temperature", type=float, default=defaults.temperature, help="KD temperature T"
+    )
+    demo.add_argument(
+        "--top-k", type=int, default=defaults.top_k, help="teacher ids per token (plus the tail)"
+    )
+    demo.add_argument(
+        "--alpha", type=float, default=defaults.alpha, help="weight of the KD term (CE: 1 - alpha)"
+    )
+    demo.add_argument("--dim", type=int, default=defaults.dim, help="student width")
+    demo.add_argument("--layers", type=int, default=defaults.layers, help="student layers")
+    demo.add_argument(
+        "--heads", type=int, default=defaults.attention_heads, help="student attention heads"
+    )
+    demo.add_argument("--batch-size", type=int, default=defaults.batch_size, help="windows")
+    demo.add_argument("--lr", type=float, default=defaults.lr, help="AdamW learning rate")
+    demo.add_argument(
+        "--max-train-windows",
+        type=int,
+        default=None,
+        help="use only the first N training windows",
+    )
+    demo.add_argument(
+        "--depth", type=int, default=defaults.depth, help="batches in flight on the stream"
+    )
+    demo.add_argument(
+        "--repository", type=Path, default=defaults.repository, help="teacher model repository"
+    )
+    demo.add_argument(
+        "--small-teacher",
+        action="store_true",
+        help="if the teacher is missing, train its tiny recipe (seconds; for tests)",
+    )
+    demo.add_argument(
+        "--out", type=Path, default=defaults.out, help="folder for the plot and results"
+    )
+    demo.add_argument(
+        "--teacher",
+        default=None,
+        help="gRPC address (host:port) of a running sequence teacher; default: start one locally",
+    )
+    demo.add_argument(
+        "--token",
+        default=os.environ.get("TEACHER_AUTH_TOKEN"),
+        help="bearer token for --teacher (default: $TEACHER_AUTH_TOKEN)",
+    )
+    demo.add_argument("--no-progress", action="store_true", help="no progress output")
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,6 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="student-client", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     _demo_parser(commands)
+    _demo_lm_parser(commands)
     info = commands.add_parser("info", help="list a teacher's models and describe one")
     _connection_arguments(info)
     soft = commands.add_parser(
@@ -293,6 +356,29 @@ def main(argv: list[str] | None = None) -> None:
                 kd_loss=args.kd_loss,
                 task_weighting=args.task_weighting,
                 int8=args.int8,
+            )
+        )
+    elif args.command == "demo-lm":
+        run_lm_demo(
+            LMDemoSettings(
+                epochs=args.epochs,
+                seed=args.seed,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                alpha=args.alpha,
+                dim=args.dim,
+                layers=args.layers,
+                attention_heads=args.heads,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                max_train_windows=args.max_train_windows,
+                depth=args.depth,
+                repository=args.repository,
+                small_teacher=args.small_teacher,
+                teacher=args.teacher,
+                token=args.token,
+                out=args.out,
+                progress=not args.no_progress,
             )
         )
 
