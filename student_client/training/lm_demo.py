@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -106,15 +107,17 @@ def say(message: str = "") -> None:
 def ensure_sequence_teacher(folder: Path, small: bool) -> None:
     """Train the default sequence teacher into `folder` unless it holds a `config.json`: through
     `teacher-server train-default-sequence` in a subprocess, into a hidden sibling folder renamed
-    into place when complete (an interrupted run leaves no half model)."""
+    into place when complete (an interrupted run leaves no half model). The hidden folder keeps
+    the model's name: the teacher names the model after the folder it trains into."""
     if (folder / "config.json").is_file():
         return
-    partial = folder.with_name(f".{folder.name}.training")
-    command = [sys.executable, "-m", "teacher_server.cli", "train-default-sequence"]
-    command += ["--out", str(partial), *(["--small"] if small else [])]
-    subprocess.run(command, check=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    partial.rename(folder)
+    with tempfile.TemporaryDirectory(prefix=".training-", dir=folder.parent) as scratch:
+        partial = Path(scratch) / folder.name
+        command = [sys.executable, "-m", "teacher_server.cli", "train-default-sequence"]
+        command += ["--out", str(partial), *(["--small"] if small else [])]
+        subprocess.run(command, check=True)
+        partial.rename(folder)
 
 
 @torch.inference_mode()

@@ -59,3 +59,37 @@ def test_shortened_lm_quickstart(sequence_repository: Path, tmp_path: Path) -> N
     for history in (result["hard"], result["distilled"]):
         assert len(history) == 1
         assert 1.0 < history[0]["perplexity"] < 2 * vocab  # a real, finite figure
+
+
+def test_teacher_trained_on_first_use(tmp_path: Path) -> None:
+    """An empty repository: the demo trains the teacher (small recipe) under its own name, with
+    no scratch folder left beside it, then serves it."""
+    repository = tmp_path / "repository"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "student_client.cli",
+            "demo-lm",
+            "--small-teacher",
+            "--epochs",
+            "1",
+            "--max-train-windows",
+            "16",
+            "--dim",
+            "32",
+            "--repository",
+            str(repository),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert sorted(path.name for path in repository.iterdir()) == ["pydoc-causal-lm"]
+    config = json.loads((repository / "pydoc-causal-lm" / "config.json").read_text())
+    assert config["name"] == "pydoc-causal-lm"
+    assert "student, distilled" in completed.stdout
