@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install test-container wheelhouse images
+.PHONY: demo demo-lm test lint install test-container wheelhouse images
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,11 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/student-client demo
+
+# The language-model quickstart: the default sequence teacher (trained on first use), a small LM
+# student on hard next-token labels vs distilled from the teacher's top-k, held-out perplexity.
+demo-lm: $(STAMP)
+	$(BIN)/student-client demo-lm
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

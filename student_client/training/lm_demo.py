@@ -56,7 +56,7 @@ LMBatch = tuple[TokenBatch, np.ndarray, SoftTargets | None]
 class LMDemoSettings:
     """The defaults are the quickstart's settings (docs/results.md)."""
 
-    epochs: int = 2
+    epochs: int = 8
     seed: int = 0
     temperature: float = 1.0
     top_k: int = 32
