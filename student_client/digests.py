@@ -49,3 +49,23 @@ def dataset_fingerprint(inputs: np.ndarray) -> str:
     if array.size:
         digest.update(array.data)
     return "sha256:" + digest.hexdigest()
+
+
+def sequence_digests(ids: np.ndarray, lengths: np.ndarray, tokenizer_hash: str) -> list[bytes]:
+    """sha256 of each sequence of a token batch: over its tokenizer hash and its real ids as
+    little-endian int64, never the padding. `ids` padded (batch, L) or packed (sum(lengths),).
+    The same ids sent as int32 or int64, padded or packed, give the same digest (the teacher reads
+    them the same); the same ids under another tokenizer are another sequence."""
+    ids = np.asarray(ids)
+    lengths = np.asarray(lengths, dtype=np.int64)
+    prefix = f"tokens|{tokenizer_hash}|".encode()
+    sha256 = hashlib.sha256
+    digests = []
+    start = 0
+    for row, length in enumerate(lengths.tolist()):
+        real = ids[row, :length] if ids.ndim == 2 else ids[start : start + length]
+        start += length
+        digest = sha256(prefix)
+        digest.update(np.ascontiguousarray(real, dtype="<i8").data)
+        digests.append(digest.digest())
+    return digests

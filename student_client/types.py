@@ -92,6 +92,16 @@ class TokenBatch:
         ids = np.concatenate([row[:n] for row, n in zip(self.ids, self.lengths, strict=True)])
         return TokenBatch(ids, self.lengths, self.scored_ids)
 
+    def select(self, positions: Sequence[int]) -> TokenBatch:
+        """The sequences at `positions` (in that order), packed; `scored_ids` must be None."""
+        if self.scored_ids is not None:
+            raise ValueError("select: a batch with scored_ids cannot be split by sequence")
+        packed = self.packed()
+        starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
+        chosen = [packed.ids[starts[p] : starts[p] + self.lengths[p]] for p in positions]
+        ids = np.concatenate(chosen) if chosen else packed.ids[:0]
+        return TokenBatch(ids, np.asarray(self.lengths)[list(positions)])
+
 
 TeacherInputs = np.ndarray | TokenBatch
 """What one request carries: a tensor batch (image models) or a `TokenBatch` (sequence models)."""

@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 
 from student_client.offline.reader import OfflineSoftTargets
-from student_client.offline.rows import fits, merge_rows
+from student_client.offline.rows import fits, merge_rows, token_rows
 from student_client.offline.scope import CachedRows, CacheScope, CacheStats
 from student_client.offline.slab import Slab
 from student_client.offline.sqlite_file import EntryFile
@@ -117,12 +117,16 @@ class SoftTargetCache:
 
     # -- reading ------------------------------------------------------------------------------
 
-    def lookup(self, scope: CacheScope, digests: Sequence[bytes]) -> CachedRows:
-        """The cached soft targets of the samples `digests` under `scope`."""
+    def lookup(
+        self, scope: CacheScope, digests: Sequence[bytes], lengths: np.ndarray | None = None
+    ) -> CachedRows:
+        """The cached soft targets of the samples `digests` under `scope`; for a token batch,
+        `lengths` (batch,) gives each sequence's real tokens (its rows in a token-level task)."""
         with self._lock:
             self._tick += 1
             tick, n = self._tick, len(digests)
-            slab = self._slabs.get(scope)
+            memory = self._memory(scope)
+            slab = self._slabs.get(scope) if memory else None
             slots = slab.find(digests) if slab is not None else np.full(n, -1, np.int64)
             need = np.flatnonzero(slots < 0)
             if slab is not None and len(need) < n:
@@ -132,15 +136,15 @@ class SoftTargetCache:
             file_hit = np.zeros(0, np.int64)
             if len(need):
                 found, from_file = self._file.read(
-                    scope, [digests[i] for i in need.tolist()], touch=not self.memory_bytes
+                    scope, [digests[i] for i in need.tolist()], touch=not memory
                 )
                 file_hit = need[found]
-                if len(file_hit) and self.memory_bytes:
+                if len(file_hit) and memory:
                     slab = self._slab(scope, tick, len(file_hit))
                     slab.insert([digests[i] for i in file_hit.tolist()], from_file, tick)
                     slots[file_hit] = slab.find([digests[i] for i in file_hit.tolist()])
                     from_file = {}
-            if self.memory_bytes:
+            if memory:
                 hit = np.flatnonzero(slots >= 0)
                 found_rows = slab.take(slots[hit], tick) if len(hit) and slab else {}
             else:
@@ -151,7 +155,9 @@ class SoftTargetCache:
             self.stats.memory_hits += memory_hits
             if time.monotonic() - self._last_touch_flush > self.touch_interval_s:
                 self._flush_touches()
-            return CachedRows(scope, list(digests), hit, missing, found_rows)
+            if lengths is not None:
+                lengths = np.asarray(lengths, dtype=np.int64)
+            return CachedRows(scope, list(digests), hit, missing, found_rows, lengths)
 
     def assemble(
         self,
@@ -167,7 +173,12 @@ class SoftTargetCache:
             if len(missing):
                 raise ValueError(f"{len(missing)} samples are not cached: give the fresh answer")
             return SoftTargets(
-                scope.model, scope.model_version, batch_id, scope.temperature, dict(cached.found)
+                scope.model,
+                scope.model_version,
+                batch_id,
+                scope.temperature,
+                dict(cached.found),
+                lengths=cached.lengths,
             )
         if fresh.batch_size != len(missing):
             raise ValueError(
@@ -177,12 +188,27 @@ class SoftTargetCache:
         for task in scope.tasks:
             if len(cached.hit) == 0:
                 outputs[task] = fresh.outputs[task]
+            elif task in scope.token_tasks:  # rows of real tokens: place each sequence's rows
+                assert cached.lengths is not None
+                outputs[task] = merge_rows(
+                    task,
+                    int(cached.lengths.sum()),
+                    token_rows(cached.lengths, cached.hit),
+                    cached.found[task],
+                    token_rows(cached.lengths, missing),
+                    fresh.outputs[task],
+                )
             else:
                 outputs[task] = merge_rows(
                     task, n, cached.hit, cached.found[task], missing, fresh.outputs[task]
                 )
         return SoftTargets(
-            fresh.model, fresh.model_version, batch_id or fresh.batch_id, fresh.temperature, outputs
+            fresh.model,
+            fresh.model_version,
+            batch_id or fresh.batch_id,
+            fresh.temperature,
+            outputs,
+            lengths=cached.lengths,
         )
 
     # -- writing ------------------------------------------------------------------------------
@@ -209,12 +235,18 @@ class SoftTargetCache:
                     if not fits(namespace, output):
                         all_fit = False
                         continue  # the teacher changed its answer's layout: do not mix
-                    written += self._file.insert(namespace, digests, output, now)
+                    if task in scope.token_tasks:
+                        if targets.lengths is None:
+                            raise ValueError(f"task {task!r}: token rows need the answer's lengths")
+                        lengths = np.asarray(targets.lengths, dtype=np.int64)
+                        written += self._file.insert(namespace, digests, output, now, lengths)
+                    else:
+                        written += self._file.insert(namespace, digests, output, now)
                 self._write_touches(now)
                 evicted = self._file.evict_over_bound(self.max_bytes)
                 self.stats.evicted += len(evicted)
             self._forget(evicted)
-            if all_fit and self.memory_bytes:
+            if all_fit and self._memory(scope):
                 self._tick += 1
                 parts = {task: targets.outputs[task] for task in scope.tasks}
                 self._slab(scope, self._tick, len(digests)).insert(digests, parts, self._tick)
@@ -278,6 +310,11 @@ class SoftTargetCache:
         return written
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _memory(self, scope: CacheScope) -> bool:
+        """Whether `scope` uses the in-process layer: not for token-level tasks, whose entries
+        have a row per token (no fixed slot size); those are read from the file."""
+        return bool(self.memory_bytes) and not scope.token_tasks
 
     def _slab(self, scope: CacheScope, tick: int, incoming: int) -> Slab:
         """The in-process layer of `scope`, with room for `incoming` more samples (made by

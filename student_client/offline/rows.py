@@ -116,3 +116,46 @@ def merge_rows(
         indices=place(cached.indices, fresh.indices),
         tail_mass=place(cached.tail_mass, fresh.tail_mass),
     )
+
+
+def token_rows(lengths: np.ndarray, positions: np.ndarray | Sequence[int]) -> np.ndarray:
+    """The token rows (int64, ascending within each sequence) of the sequences at `positions` of
+    a batch whose sequences have `lengths` real tokens."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    chosen = [np.arange(starts[p], starts[p] + lengths[p]) for p in np.asarray(positions).tolist()]
+    return np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, np.int64)
+
+
+def decode_token_rows(
+    task: str, kind: str, namespace: Namespace, rows: Sequence[Row], path: Path
+) -> TaskTargets:
+    """A token-level task's entries (one per sequence, each (length, width) rows) as one
+    (sum(lengths), width) answer, `level="token"`."""
+    row_bytes = namespace.width * namespace.value_dtype.itemsize
+    counts = []
+    for vals, idx, tail_bytes in rows:
+        count = len(vals) // row_bytes if row_bytes else 0
+        ok = count >= 1 and len(vals) == count * row_bytes
+        if namespace.index_dtype is not None:
+            index_bytes = count * namespace.width * namespace.index_dtype.itemsize
+            ok = ok and idx is not None and len(idx) == index_bytes
+        if namespace.tail_dtype is not None:
+            tail_size = count * namespace.tail_dtype.itemsize
+            ok = ok and tail_bytes is not None and len(tail_bytes) == tail_size
+        if not ok:
+            raise CacheError(f"{path}: a stored entry of task {task!r} has the wrong length")
+        counts.append(count)
+    total = sum(counts)
+
+    def column(part: int, dtype: np.dtype | None, width: int) -> np.ndarray | None:
+        if dtype is None:
+            return None
+        array = np.frombuffer(b"".join([row[part] for row in rows]), dtype=dtype)  # type: ignore[misc]
+        return array.reshape(total, width) if width else array
+
+    values = column(0, namespace.value_dtype, namespace.width)
+    assert values is not None
+    indices = column(1, namespace.index_dtype, namespace.width)
+    tail = column(2, namespace.tail_dtype, 0)
+    return TaskTargets(task, kind, values, indices, tail, level="token")

@@ -28,10 +28,18 @@ class CacheScope:
     temperature: float = 1.0
     top_k: int = 0
     output_dtype: str = "float32"
+    # Sequence models: the tasks with one row per real token (`TaskTargets.level == "token"`); an
+    # entry of such a task holds all its sequence's rows. Not part of the stored key: a task's
+    # level is fixed by the model version.
+    token_tasks: tuple[str, ...] = ()
 
     @classmethod
     def from_options(
-        cls, options: TargetOptions, model_version: str, tasks: Sequence[str]
+        cls,
+        options: TargetOptions,
+        model_version: str,
+        tasks: Sequence[str],
+        token_tasks: Sequence[str] = (),
     ) -> CacheScope:
         if options.model is None:
             raise ValueError("options.model: resolve the model name first")
@@ -43,6 +51,7 @@ class CacheScope:
             float(options.temperature),
             int(options.top_k),
             options.output_dtype,
+            tuple(token_tasks),
         )
 
 
@@ -69,6 +78,7 @@ class CachedRows:
     hit: np.ndarray  # int64 positions, ascending
     missing: list[int]  # positions of samples with any task not cached, ascending
     found: dict[str, TaskTargets]  # empty when nothing was found
+    lengths: np.ndarray | None = None  # token batches: (batch,) real tokens per sequence
 
     @property
     def complete(self) -> bool:

@@ -22,6 +22,7 @@ from student_client.offline.rows import (
     Namespace,
     Row,
     decode_rows,
+    decode_token_rows,
     dtype_name,
     little_endian,
     row_size,
@@ -215,25 +216,36 @@ class EntryFile:
         for task, namespace in namespaces.items():
             assert namespace is not None
             task_rows = [rows[(namespace.id, digests[p])] for p in found]
-            parts[task] = decode_rows(task, scope.output, namespace, task_rows, self.path)
+            decode = decode_token_rows if task in scope.token_tasks else decode_rows
+            parts[task] = decode(task, scope.output, namespace, task_rows, self.path)
         if touch:
             self.touched.update((i, digests[p]) for i in ids for p in found)
         return np.asarray(found, np.int64), parts
 
     def insert(
-        self, namespace: Namespace, digests: Sequence[bytes], output: TaskTargets, now: int
+        self,
+        namespace: Namespace,
+        digests: Sequence[bytes],
+        output: TaskTargets,
+        now: int,
+        lengths: np.ndarray | None = None,
     ) -> int:
         """Inside a write transaction: one task's rows of the samples `digests` (a sample already
-        stored keeps its first row); returns the entries written."""
+        stored keeps its first row); returns the entries written. With `lengths` (a token-level
+        task) the rows are split by sequence: one entry holds its sequence's `lengths[i]` rows."""
         values = little_endian(output.values)
         indices = little_endian(output.indices) if output.indices is not None else None
         tail = little_endian(output.tail_mass) if output.tail_mass is not None else None
+        ends = np.cumsum(lengths) if lengths is not None else np.arange(1, len(digests) + 1)
         records = []
         for position, digest in enumerate(digests):
+            rows = slice(int(ends[position - 1]) if position else 0, int(ends[position]))
+            if lengths is None:  # one row per sample, stored as it is (no leading axis)
+                rows = position  # type: ignore[assignment]
             row: Row = (
-                values[position].tobytes(),
-                indices[position].tobytes() if indices is not None else None,
-                tail[position].tobytes() if tail is not None else None,
+                values[rows].tobytes(),
+                indices[rows].tobytes() if indices is not None else None,
+                tail[rows].tobytes() if tail is not None else None,
             )
             records.append((namespace.id, digest, *row, row_size(digest, row), now))
         before = self.db.total_changes

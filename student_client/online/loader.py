@@ -28,7 +28,8 @@ up first: a batch found whole is answered locally (no request), otherwise only i
 samples are sent (one request with those rows) and the batch is assembled in its original row
 order; the teacher's rows are stored for the next pass. Each pass looks up one model version,
 `options.model_version` or the version the teacher serves when the pass starts (one `ModelInfo`
-call), and pins its requests to it.
+call), and pins its requests to it. Token batches (`TokenBatch`, with `options.tokenizer_hash`)
+are looked up per sequence, and a partly cached batch sends only its uncached sequences.
 """
 
 from __future__ import annotations
@@ -168,8 +169,6 @@ class _Pass:
 
     def _encode(self, inputs: Any) -> TeacherInputs:
         if isinstance(inputs, TokenBatch):  # sequences: `input_dtype` converts the ids
-            if self.cached is not None:
-                raise ValueError("cache: token batches are not cached (no per-sequence keys)")
             wanted_ids = self.loader.input_dtype
             if wanted_ids is None or inputs.ids.dtype == np.dtype(wanted_ids):
                 return inputs
@@ -215,7 +214,6 @@ class _Pass:
             array = self._encode(inputs)
             cached = answer = None
             if self.cached is not None:
-                assert isinstance(array, np.ndarray)  # `_encode` refuses token batches
                 cached = self.cached.lookup(array)
                 if cached.complete:
                     answer = self.cached.answer(cached, batch_id)
@@ -256,9 +254,11 @@ class _Pass:
                     else:
                         missing = item.cached.missing if item.cached is not None else None
                         array = item.array
-                        if missing is not None:
-                            assert isinstance(array, np.ndarray)
-                            array = array[missing]
+                        if missing is not None:  # only the uncached samples / sequences
+                            if isinstance(array, TokenBatch):
+                                array = array.select(missing)
+                            else:
+                                array = array[missing]
                         self._send(item.index, item.batch_id, array)
                         self.stats.sent += 1
                     pending.append((item.batch_id, item.inputs, item.labels, item.cached))

@@ -21,6 +21,11 @@ then carries that hash, so a teacher swapped for one with another tokenizer refu
 instead of answering for ids it reads differently. The pass is pinned to the model version whose
 tokenizer was checked.
 
+Cache (`cache=SoftTargetCache(path)`): one entry per sequence, keyed by the digest of the
+tokenizer hash and its real ids (never the padding), holding its token-level rows and its
+sequence-level rows. A batch found whole is answered locally; a batch partly cached sends only its
+uncached sequences and is merged back in order (docs/cache-and-export.md, "Token batches").
+
 Scored ids (on-policy distillation, reverse KL): `scored_ids(batch)` returns (sum(lengths), m)
 ids for a batch, typically the student's own top-m ids at each real position. It is called when
 the batch is read from `batches`, just before it is sent, which is up to `depth - 1` training
@@ -38,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from protocol.errors import FailedPrecondition
+from student_client.offline.cache import SoftTargetCache
 from student_client.online.client import TeacherClient, file_sha256
 from student_client.online.loader import LoaderStats, SoftTargetLoader
 from student_client.types import ModelInfo, SoftTargets, TargetOptions, TokenBatch
@@ -60,12 +66,17 @@ class TokenTargetLoader:
         streams: int | None = None,
         pin_version: bool = True,
         ids_dtype: str | None = None,
+        cache: SoftTargetCache | None = None,
     ) -> None:
         """`batches` yields a `TokenBatch`, `(TokenBatch, labels)`, `(ids, lengths)` or
         `(ids, lengths, labels)` (ids padded (batch, L) or packed (sum(lengths),); numpy or
         torch). Give exactly one of `tokenizer_file` (the student's `tokenizer.json`, hashed) or
         `tokenizer_hash` (`"sha256:<hex>"`). `ids_dtype` (e.g. `"int32"`) converts the ids before
-        sending (half the bytes of int64). The rest as `SoftTargetLoader`."""
+        sending (half the bytes of int64). `cache`: answer the sequences it holds locally
+        (keyed by their real ids and the tokenizer hash) and send only the others; not with
+        `scored_ids` (the student's choice). The rest as `SoftTargetLoader`."""
+        if cache is not None and scored_ids is not None:
+            raise ValueError("cache: scored ids are the student's choice, not cached; drop one")
         if (tokenizer_file is None) == (tokenizer_hash is None):
             raise ValueError(
                 "give exactly one of tokenizer_file (the student's tokenizer.json) or "
@@ -85,6 +96,7 @@ class TokenTargetLoader:
         self.streams = streams
         self.pin_version = pin_version
         self.ids_dtype = ids_dtype
+        self.cache = cache
         self._inner: SoftTargetLoader | None = None
         self.info: ModelInfo | None = None  # the teacher's, as checked by the last pass
 
@@ -131,6 +143,7 @@ class TokenTargetLoader:
             input_dtype=self.ids_dtype,
             streams=self.streams,
             pin_version=self.pin_version,
+            cache=self.cache,
         )
         return iter(inner)
 
