@@ -249,6 +249,21 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "--dataset", choices=["mnist"], help="mnist: the 4,000-image training split of the demo"
     )
     source.add_argument("--npy", default=None, help="a .npy file of inputs (n, *input_shape)")
+    source.add_argument(
+        "--tokens",
+        default=None,
+        help="a sequence teacher's token dataset: an .npz of 'ids' (packed, sum(lengths)) and "
+        "'lengths' (n,); needs --tokenizer or --tokenizer-hash; --batch-size counts sequences",
+    )
+    export.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="--tokens: the tokenizer.json the ids come from",
+    )
+    export.add_argument(
+        "--tokenizer-hash", default=None, help="--tokens: or its 'sha256:<hex>' (as the teacher's)"
+    )
     export.add_argument("--out", type=Path, required=True, help="folder for shards and manifest")
     export.add_argument("--temperature", type=float, default=1.0, help="softmax temperature T")
     export.add_argument(
@@ -262,7 +277,12 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
         "--output-dtype", choices=["float32", "float16", "bfloat16"], default="float32"
     )
     export.add_argument("--task", action="append", help="a task to export (repeat); default all")
-    export.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
+    export.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"samples per request (default {DEFAULT_BATCH_SIZE}; --tokens: sequences, 32)",
+    )
     export.add_argument(
         "--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard file"
     )
@@ -270,8 +290,12 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
 
 
 def _export(args: argparse.Namespace) -> None:
-    from student_client.online.exporter import export_soft_targets
+    from student_client.online.exporter import DEFAULT_BATCH_SIZE, export_soft_targets
     from student_client.types import TargetOptions
+
+    if args.tokens is not None:
+        _export_tokens(args)
+        return
 
     if args.npy is not None:
         inputs = np.load(args.npy, allow_pickle=False)
@@ -293,7 +317,7 @@ def _export(args: argparse.Namespace) -> None:
             args.out,
             options,
             dataset_name=name,
-            batch_size=args.batch_size,
+            batch_size=args.batch_size or DEFAULT_BATCH_SIZE,
             shard_size=args.shard_size,
             depth=args.depth,
             log=lambda message: print(message, flush=True),
@@ -304,6 +328,49 @@ def _export(args: argparse.Namespace) -> None:
         f"{'complete' if result.complete else 'INCOMPLETE'}: {manifest['samples']['written']} of "
         f"{manifest['samples']['total']} samples of {name} from {teacher['model']} "
         f"{teacher['model_version'][:19]}; {len(result.written)} shard(s) written, "
+        f"{len(result.kept)} kept; manifest {result.out / 'manifest.json'}"
+    )
+
+
+def _export_tokens(args: argparse.Namespace) -> None:
+    from student_client.online.client import file_sha256
+    from student_client.online.token_exporter import (
+        DEFAULT_TOKEN_BATCH_SIZE,
+        export_token_targets,
+        load_token_dataset,
+    )
+    from student_client.types import TargetOptions
+
+    if (args.tokenizer is None) == (args.tokenizer_hash is None):
+        raise SystemExit("export --tokens: give one of --tokenizer FILE or --tokenizer-hash HASH")
+    tokenizer_hash = args.tokenizer_hash or file_sha256(args.tokenizer.read_bytes())
+    dataset = load_token_dataset(args.tokens)
+    options = TargetOptions(
+        model=args.model,
+        tasks=tuple(args.task or ()),
+        temperature=args.temperature,
+        output=args.output,
+        top_k=args.top_k,
+        output_dtype=args.output_dtype,
+    )
+    with _client(args) as client:
+        result = export_token_targets(
+            client,
+            dataset,
+            args.out,
+            options,
+            tokenizer_hash,
+            dataset_name=Path(args.tokens).name,
+            batch_size=args.batch_size or DEFAULT_TOKEN_BATCH_SIZE,
+            shard_size=args.shard_size,
+            depth=args.depth,
+            log=lambda message: print(message, flush=True),
+        )
+    manifest = result.manifest
+    print(
+        f"{'complete' if result.complete else 'INCOMPLETE'}: {manifest['samples']['written']} of "
+        f"{manifest['samples']['total']} sequences ({manifest['dataset']['tokens']} tokens) from "
+        f"{manifest['teacher']['model']}; {len(result.written)} shard(s) written, "
         f"{len(result.kept)} kept; manifest {result.out / 'manifest.json'}"
     )
 

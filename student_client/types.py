@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -226,6 +226,33 @@ class ModelSummary:
     default_version: bool = False
     error: str = ""
     label: str = ""
+
+
+def as_token_batch(item: Any) -> tuple[TokenBatch, Any]:
+    """A source item as `(TokenBatch, labels)`: the item is a `TokenBatch`, `(TokenBatch,
+    labels)`, `(ids, lengths)` or `(ids, lengths, labels)` (ids padded or packed; numpy or
+    torch)."""
+    if isinstance(item, TokenBatch):
+        return item, None
+    if isinstance(item, (tuple, list)):
+        if item and isinstance(item[0], TokenBatch):
+            return item[0], item[1] if len(item) > 1 else None
+        if len(item) in (2, 3):
+            ids, lengths = _integers(item[0], "ids"), _integers(item[1], "lengths")
+            return TokenBatch(ids, lengths), item[2] if len(item) == 3 else None
+    raise TypeError(
+        "batches: expected a TokenBatch, (TokenBatch, labels), (ids, lengths) or "
+        f"(ids, lengths, labels), got {type(item).__name__}"
+    )
+
+
+def _integers(value: Any, field: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    array = np.ascontiguousarray(value)
+    if array.dtype.kind not in "iu":
+        raise TypeError(f"{field}: expected integers, got dtype {array.dtype}")
+    return array if array.dtype in (np.int64, np.int32) else array.astype(np.int64)
 
 
 Event = tuple[object, str | None, "SoftTargets | TeacherError"]

@@ -62,6 +62,11 @@ class OfflineSoftTargets:
     def __init__(self, folder: str | os.PathLike[str]) -> None:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
+        if self.manifest["dataset"].get("kind") == "tokens":
+            raise ExportError(
+                f"{self.folder}: a token export; read it with "
+                "student_client.offline.token_reader.OfflineTokenTargets"
+            )
         teacher, settings = self.manifest["teacher"], self.manifest["settings"]
         self.model: str = teacher["model"]
         self.model_version: str = teacher["model_version"]

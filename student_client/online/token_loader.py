@@ -46,7 +46,13 @@ from protocol.errors import FailedPrecondition
 from student_client.offline.cache import SoftTargetCache
 from student_client.online.client import TeacherClient, file_sha256
 from student_client.online.loader import LoaderStats, SoftTargetLoader
-from student_client.types import ModelInfo, SoftTargets, TargetOptions, TokenBatch
+from student_client.types import (
+    ModelInfo,
+    SoftTargets,
+    TargetOptions,
+    TokenBatch,
+    as_token_batch,
+)
 
 ScoredIds = Callable[[TokenBatch], np.ndarray]
 """Given a batch, its (sum(lengths), m) ids to score, in token-row order (int64 or int32)."""
@@ -156,26 +162,4 @@ class TokenTargetLoader:
             yield batch, labels
 
 
-def as_token_batch(item: Any) -> tuple[TokenBatch, Any]:
-    """A source item as `(TokenBatch, labels)` (see `TokenTargetLoader` for the forms)."""
-    if isinstance(item, TokenBatch):
-        return item, None
-    if isinstance(item, (tuple, list)):
-        if item and isinstance(item[0], TokenBatch):
-            return item[0], item[1] if len(item) > 1 else None
-        if len(item) in (2, 3):
-            ids, lengths = _integers(item[0], "ids"), _integers(item[1], "lengths")
-            return TokenBatch(ids, lengths), item[2] if len(item) == 3 else None
-    raise TypeError(
-        "batches: expected a TokenBatch, (TokenBatch, labels), (ids, lengths) or "
-        f"(ids, lengths, labels), got {type(item).__name__}"
-    )
-
-
-def _integers(value: Any, field: str) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor
-        value = value.detach().cpu().numpy()
-    array = np.ascontiguousarray(value)
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"{field}: expected integers, got dtype {array.dtype}")
-    return array if array.dtype in (np.int64, np.int32) else array.astype(np.int64)
+__all__ = ["ScoredIds", "TokenTargetLoader", "as_token_batch"]
