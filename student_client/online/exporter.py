@@ -63,11 +63,13 @@ class ExportResult:
     complete: bool
 
 
-def _utc_now() -> str:
+def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def _settings(options: TargetOptions, tasks: tuple[str, ...], shard_size: int) -> dict[str, Any]:
+def settings_record(
+    options: TargetOptions, tasks: tuple[str, ...], shard_size: int
+) -> dict[str, Any]:
     return {
         "tasks": list(tasks),
         "output": options.output,
@@ -172,8 +174,8 @@ def _export(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": _utc_now(),
-            "updated": _utc_now(),
+            "created": utc_now(),
+            "updated": utc_now(),
             "complete": False,
             "teacher": {
                 "address": client.address,
@@ -185,7 +187,7 @@ def _export(
                     if task.name in tasks
                 ],
             },
-            "settings": _settings(options, tasks, shard_size),
+            "settings": settings_record(options, tasks, shard_size),
             "dataset": {
                 "name": dataset_name,
                 "samples": n,
@@ -265,7 +267,7 @@ def _export(
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any], n: int, shard_count: int) -> None:
-    manifest["updated"] = _utc_now()
+    manifest["updated"] = utc_now()
     manifest["samples"] = {
         "total": n,
         "written": sum(int(entry["stop"]) - int(entry["start"]) for entry in manifest["shards"]),
@@ -300,7 +302,7 @@ def _check_resume(
             f"{path}: this export is of version {manifest['teacher']['model_version']}, not "
             f"{options.model_version}"
         )
-    wanted = _settings(options, tuple(options.tasks) or tasks, shard_size)
+    wanted = settings_record(options, tuple(options.tasks) or tasks, shard_size)
     found = manifest["settings"]
     differ = {
         key: (found.get(key), value) for key, value in wanted.items() if found.get(key) != value

@@ -39,7 +39,7 @@ from student_client.offline.export_format import (
 )
 from student_client.offline.token_reader import TOKENS_KIND
 from student_client.online.client import TeacherClient
-from student_client.online.exporter import LOCK_FILE, ExportResult, _settings, _utc_now
+from student_client.online.exporter import LOCK_FILE, ExportResult, settings_record, utc_now
 from student_client.online.token_loader import TokenTargetLoader
 from student_client.types import SoftTargets, TargetOptions, TokenBatch
 
@@ -128,7 +128,7 @@ def _export(
     info = loader.check_tokenizer()  # the tokenizer handshake, before anything is written
     tasks = tuple(options.tasks) or tuple(task.name for task in info.tasks)
     token_tasks = [task.name for task in info.tasks if task.name in tasks and task.level == "token"]
-    settings = {**_settings(options, tasks, shard_size), "token_tasks": token_tasks}
+    settings = {**settings_record(options, tasks, shard_size), "token_tasks": token_tasks}
     manifest_path = folder / MANIFEST
     if manifest_path.exists():
         manifest = read_manifest(folder)
@@ -149,8 +149,8 @@ def _export(
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
-            "created": _utc_now(),
-            "updated": _utc_now(),
+            "created": utc_now(),
+            "updated": utc_now(),
             "complete": False,
             "teacher": {
                 "address": client.address,
@@ -244,7 +244,7 @@ def _write_manifest(
     folder: Path, manifest: dict[str, Any], listed: dict[int, dict[str, Any]], n: int, count: int
 ) -> None:
     manifest["shards"] = [listed[i] for i in sorted(listed)]
-    manifest["updated"] = _utc_now()
+    manifest["updated"] = utc_now()
     manifest["samples"] = {
         "total": n,
         "written": sum(int(entry["stop"]) - int(entry["start"]) for entry in manifest["shards"]),

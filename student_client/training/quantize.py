@@ -88,8 +88,9 @@ def compare_int8(
     repeats: int = 50,
 ) -> Int8Comparison:
     """Quantise `model` (see `quantize_int8`), evaluate both on `images` / `labels` (held out),
-    save both state dicts into `folder` (`student_float.pt`, `student_int8.pt`) and time both on
-    the first `latency_batch` images."""
+    save both state dicts into `folder` (`student_float.pt`, `student_int8.pt`; tensors only, so
+    `torch.load(path, weights_only=True)` reads them back into a `quantize_int8` copy) and time
+    both on the first `latency_batch` images."""
     float_model = copy.deepcopy(model).to("cpu").eval()
     int8_model = quantize_int8(float_model)
     batch = torch.from_numpy(images[:latency_batch])

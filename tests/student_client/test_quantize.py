@@ -42,7 +42,7 @@ def test_int8_student_keeps_accuracy_and_halves_the_file(tmp_path: Path) -> None
     fresh = quantize_int8(StudentMLP((1, 28, 28), split.tasks, hidden=(128,)))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fresh.load_state_dict(torch.load(result.int8_path, weights_only=False))
+        fresh.load_state_dict(torch.load(result.int8_path, weights_only=True))
         reference = quantize_int8(student)
     batch = torch.from_numpy(test_x[:16])
     for task, logits in fresh(batch).items():
