@@ -50,6 +50,11 @@ class TargetOptions:
     tokenizer_hash: str = (
         ""  # sequence models: "sha256:<hex>" of the ids' tokenizer ("": unchecked)
     )
+    # Sequence models' top-k answers: "packed" (ids at ceil(log2 V) bits, values without their
+    # known sign bit, tail mass in `output_dtype`; docs/protocol.md "Packed top-k"), "tensors"
+    # (the plain arrays), or "log_prob_codes" (8-bit log-prob codes, lossy: at most 1/32 nat).
+    # Decoded to the same arrays either way; tensor (image) requests always use "tensors".
+    top_k_encoding: str = "packed"
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,12 @@ class DataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FLOAT64: _ClassVar[DataType]
     UINT16: _ClassVar[DataType]
 
+class TopKEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TOP_K_ENCODING_UNSPECIFIED: _ClassVar[TopKEncoding]
+    PACKED: _ClassVar[TopKEncoding]
+    PACKED_LOG_PROB_CODES: _ClassVar[TopKEncoding]
+
 class OutputKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OUTPUT_KIND_UNSPECIFIED: _ClassVar[OutputKind]
@@ -34,6 +40,9 @@ INT64: DataType
 INT32: DataType
 FLOAT64: DataType
 UINT16: DataType
+TOP_K_ENCODING_UNSPECIFIED: TopKEncoding
+PACKED: TopKEncoding
+PACKED_LOG_PROB_CODES: TopKEncoding
 OUTPUT_KIND_UNSPECIFIED: OutputKind
 PROBS: OutputKind
 LOG_PROBS: OutputKind
@@ -48,6 +57,32 @@ class Tensor(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     def __init__(self, dtype: _Optional[_Union[DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PackedInts(_message.Message):
+    __slots__ = ("bits", "shape", "data")
+    BITS_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    bits: int
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, bits: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class PackedTopK(_message.Message):
+    __slots__ = ("indices", "values", "values_dtype", "log_prob_step", "tail_mass", "tail_dtype")
+    INDICES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    VALUES_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOG_PROB_STEP_FIELD_NUMBER: _ClassVar[int]
+    TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    indices: PackedInts
+    values: PackedInts
+    values_dtype: DataType
+    log_prob_step: float
+    tail_mass: PackedInts
+    tail_dtype: DataType
+    def __init__(self, indices: _Optional[_Union[PackedInts, _Mapping]] = ..., values: _Optional[_Union[PackedInts, _Mapping]] = ..., values_dtype: _Optional[_Union[DataType, str]] = ..., log_prob_step: _Optional[float] = ..., tail_mass: _Optional[_Union[PackedInts, _Mapping]] = ..., tail_dtype: _Optional[_Union[DataType, str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
@@ -206,7 +241,7 @@ class GetTokenizerResponse(_message.Message):
     def __init__(self, file_name: _Optional[str] = ..., sha256: _Optional[str] = ..., content: _Optional[bytes] = ...) -> None: ...
 
 class SoftTargetsRequest(_message.Message):
-    __slots__ = ("model", "model_version", "tasks", "temperature", "output", "inputs", "batch_id", "top_k", "output_dtype", "hints", "lengths", "scored_ids", "tokenizer_hash")
+    __slots__ = ("model", "model_version", "tasks", "temperature", "output", "inputs", "batch_id", "top_k", "output_dtype", "hints", "lengths", "scored_ids", "tokenizer_hash", "top_k_encoding")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TASKS_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +255,7 @@ class SoftTargetsRequest(_message.Message):
     LENGTHS_FIELD_NUMBER: _ClassVar[int]
     SCORED_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_HASH_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_ENCODING_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     tasks: _containers.RepeatedScalarFieldContainer[str]
@@ -233,10 +269,11 @@ class SoftTargetsRequest(_message.Message):
     lengths: Tensor
     scored_ids: Tensor
     tokenizer_hash: str
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., output: _Optional[_Union[OutputKind, str]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., batch_id: _Optional[str] = ..., top_k: _Optional[int] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., hints: _Optional[_Iterable[str]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., scored_ids: _Optional[_Union[Tensor, _Mapping]] = ..., tokenizer_hash: _Optional[str] = ...) -> None: ...
+    top_k_encoding: TopKEncoding
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., tasks: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., output: _Optional[_Union[OutputKind, str]] = ..., inputs: _Optional[_Union[Tensor, _Mapping]] = ..., batch_id: _Optional[str] = ..., top_k: _Optional[int] = ..., output_dtype: _Optional[_Union[DataType, str]] = ..., hints: _Optional[_Iterable[str]] = ..., lengths: _Optional[_Union[Tensor, _Mapping]] = ..., scored_ids: _Optional[_Union[Tensor, _Mapping]] = ..., tokenizer_hash: _Optional[str] = ..., top_k_encoding: _Optional[_Union[TopKEncoding, str]] = ...) -> None: ...
 
 class TaskOutput(_message.Message):
-    __slots__ = ("task", "kind", "values", "indices", "tail_mass", "level", "scored_values")
+    __slots__ = ("task", "kind", "values", "indices", "tail_mass", "level", "scored_values", "packed")
     TASK_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +281,7 @@ class TaskOutput(_message.Message):
     TAIL_MASS_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
     SCORED_VALUES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     task: str
     kind: OutputKind
     values: Tensor
@@ -251,7 +289,8 @@ class TaskOutput(_message.Message):
     tail_mass: Tensor
     level: str
     scored_values: Tensor
-    def __init__(self, task: _Optional[str] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., tail_mass: _Optional[_Union[Tensor, _Mapping]] = ..., level: _Optional[str] = ..., scored_values: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    packed: PackedTopK
+    def __init__(self, task: _Optional[str] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., values: _Optional[_Union[Tensor, _Mapping]] = ..., indices: _Optional[_Union[Tensor, _Mapping]] = ..., tail_mass: _Optional[_Union[Tensor, _Mapping]] = ..., level: _Optional[str] = ..., scored_values: _Optional[_Union[Tensor, _Mapping]] = ..., packed: _Optional[_Union[PackedTopK, _Mapping]] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")

@@ -9,6 +9,7 @@ batches in flight the same way it does over gRPC.
 
 from __future__ import annotations
 
+import base64
 import queue
 import ssl
 from concurrent.futures import ThreadPoolExecutor
@@ -17,9 +18,14 @@ from typing import Any
 import httpx
 import numpy as np
 
+from protocol import codec, packed
 from protocol.errors import TeacherError, Unavailable, error_from_code
 from protocol.v1 import teacher_pb2 as pb
-from student_client.online.messages import request_to_pb, soft_targets_from_pb
+from student_client.online.messages import (
+    request_to_pb,
+    soft_targets_from_pb,
+    top_k_encoding,
+)
 from student_client.types import (
     Event,
     ModelInfo,
@@ -39,19 +45,47 @@ def _array(values: Any, dtype: str = "float32") -> np.ndarray:
     return np.asarray(values, dtype=dtype)
 
 
-def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
-    outputs = {
-        task: TaskTargets(
-            task=task,
-            kind=entry["kind"],
-            values=_array(entry["values"]),
-            indices=_array(entry["indices"], "int64") if "indices" in entry else None,
-            tail_mass=_array(entry["tail_mass"]) if "tail_mass" in entry else None,
-            level=entry.get("level", "sequence"),
-            scored_values=_array(entry["scored_values"]) if "scored_values" in entry else None,
+def _packed_ints(entry: dict[str, Any]) -> pb.PackedInts:
+    return pb.PackedInts(
+        bits=entry["bits"], shape=entry["shape"], data=base64.b64decode(entry["data"])
+    )
+
+
+def _task_from_json(task: str, entry: dict[str, Any]) -> TaskTargets:
+    values: np.ndarray
+    indices: np.ndarray | None
+    tail_mass: np.ndarray | None
+    if "packed" in entry:  # the bytes of a distill.v1.PackedTopK, base64 (docs/protocol.md)
+        body = entry["packed"]
+        message = pb.PackedTopK(
+            indices=_packed_ints(body["indices"]),
+            values=_packed_ints(body["values"]),
+            values_dtype=codec.parse_dtype_name(body["values_dtype"], "values_dtype"),
+            log_prob_step=body.get("log_prob_step", 0.0),
         )
-        for task, entry in body["outputs"].items()
-    }
+        if "tail_mass" in body:
+            message.tail_mass.CopyFrom(_packed_ints(body["tail_mass"]))
+            message.tail_dtype = codec.parse_dtype_name(body["tail_dtype"], "tail_dtype")
+        values, indices, tail_mass = packed.decode_top_k(
+            message, entry["kind"], f"outputs[{task}].packed", max_elements=1 << 34
+        )
+    else:
+        values = _array(entry["values"])
+        indices = _array(entry["indices"], "int64") if "indices" in entry else None
+        tail_mass = _array(entry["tail_mass"]) if "tail_mass" in entry else None
+    return TaskTargets(
+        task=task,
+        kind=entry["kind"],
+        values=values,
+        indices=indices,
+        tail_mass=tail_mass,
+        level=entry.get("level", "sequence"),
+        scored_values=_array(entry["scored_values"]) if "scored_values" in entry else None,
+    )
+
+
+def soft_targets_from_json(body: dict[str, Any]) -> SoftTargets:
+    outputs = {task: _task_from_json(task, entry) for task, entry in body["outputs"].items()}
     return SoftTargets(
         model=body["model"],
         model_version=body["model_version"],
@@ -209,6 +243,9 @@ class HttpTransport:
         if isinstance(inputs, TokenBatch):  # sequence fields only for sequences (older servers)
             body["lengths"] = inputs.lengths.tolist()
             body["tokenizer_hash"] = options.tokenizer_hash
+            encoding = top_k_encoding(inputs, options)
+            if encoding != "tensors":  # a server older than the field refuses unknown fields
+                body["top_k_encoding"] = encoding
             if inputs.scored_ids is not None:
                 body["scored_ids"] = inputs.scored_ids.tolist()
         return soft_targets_from_json(self._request("POST", path, body))

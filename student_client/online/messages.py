@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protocol import codec
+from protocol import codec, packed
 from protocol.v1 import teacher_pb2 as pb
 from student_client.types import (
     ModelInfo,
@@ -20,6 +20,23 @@ from student_client.types import (
 
 _KINDS = {pb.PROBS: "probs", pb.LOG_PROBS: "log_probs", pb.LOGITS: "logits"}
 _KINDS_TO_PB = {name: value for value, name in _KINDS.items()}
+TOP_K_ENCODINGS = {
+    "tensors": pb.TOP_K_ENCODING_UNSPECIFIED,
+    "packed": pb.PACKED,
+    "log_prob_codes": pb.PACKED_LOG_PROB_CODES,
+}
+
+
+def top_k_encoding(inputs: TeacherInputs, options: TargetOptions) -> str:
+    """The encoding a request asks for: the options' for sequence top-k requests, else tensors
+    (an image request's answer stays as older servers and clients know it)."""
+    if options.top_k_encoding not in TOP_K_ENCODINGS:
+        raise ValueError(
+            f"top_k_encoding must be one of {list(TOP_K_ENCODINGS)}, got {options.top_k_encoding!r}"
+        )
+    if isinstance(inputs, TokenBatch) and options.top_k > 0:
+        return options.top_k_encoding
+    return "tensors"
 
 
 def _decode_array(tensor: pb.Tensor, field: str) -> np.ndarray:
@@ -46,6 +63,7 @@ def request_to_pb(
     )
     if isinstance(inputs, TokenBatch):
         request.lengths.CopyFrom(codec.encode(np.ascontiguousarray(inputs.lengths)))
+        request.top_k_encoding = TOP_K_ENCODINGS[top_k_encoding(inputs, options)]
         if inputs.scored_ids is not None:
             request.scored_ids.CopyFrom(codec.encode(np.ascontiguousarray(inputs.scored_ids)))
     return request
@@ -55,16 +73,32 @@ def soft_targets_from_pb(message: pb.SoftTargetsResponse) -> SoftTargets:
     outputs = {}
     for output in message.outputs:
         field = f"outputs[{output.task}]"
+        kind = _KINDS.get(output.kind, "probs")
+        values: np.ndarray
+        indices: np.ndarray | None
+        tail_mass: np.ndarray | None
+        if output.HasField("packed"):
+            values, indices, tail_mass = packed.decode_top_k(
+                output.packed, kind, field + ".packed", max_elements=1 << 34
+            )
+        else:
+            values = _decode_array(output.values, field + ".values")
+            indices = (
+                _decode_array(output.indices, field + ".indices").astype(np.int64)
+                if output.HasField("indices")
+                else None
+            )
+            tail_mass = (
+                _decode_array(output.tail_mass, field + ".tail_mass")
+                if output.HasField("tail_mass")
+                else None
+            )
         outputs[output.task] = TaskTargets(
             task=output.task,
-            kind=_KINDS.get(output.kind, "probs"),
-            values=_decode_array(output.values, field + ".values"),
-            indices=_decode_array(output.indices, field + ".indices").astype(np.int64)
-            if output.HasField("indices")
-            else None,
-            tail_mass=_decode_array(output.tail_mass, field + ".tail_mass")
-            if output.HasField("tail_mass")
-            else None,
+            kind=kind,
+            values=values,
+            indices=indices,
+            tail_mass=tail_mass,
             level=output.level or "sequence",
             scored_values=_decode_array(output.scored_values, field + ".scored_values")
             if output.HasField("scored_values")

@@ -256,6 +256,7 @@ class Engine:
                         batch_id=request.batch_id,
                         temperature=request.temperature,
                         output_dtype=request.output_dtype,
+                        top_k_encoding=request.top_k_encoding,
                         outputs=tuple(_rows(result, offset, offset + size) for result in shaped),
                         hints={
                             name: np.ascontiguousarray(

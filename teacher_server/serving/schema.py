@@ -13,6 +13,8 @@ import numpy as np
 
 OUTPUT_KINDS: Final = ("probs", "log_probs", "logits")
 OUTPUT_DTYPES: Final = ("float32", "float16", "bfloat16")
+# How top-k outputs travel: Tensors, packed (protocol.packed), packed with 8-bit log-prob codes.
+TOP_K_ENCODINGS: Final = ("tensors", "packed", "log_prob_codes")
 TASK_LEVELS: Final = ("sequence", "token")  # one row per sample / one row per real token
 
 
@@ -38,6 +40,7 @@ class SoftTargetsRequest:
     # the student's choosing whose log-probabilities at T each token-level task returns.
     scored_ids: np.ndarray | None = None
     tokenizer_hash: str = ""  # non-empty: the ids came from this tokenizer (`sha256:...`)
+    top_k_encoding: str = "tensors"  # one of TOP_K_ENCODINGS; only top-k outputs change
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,9 @@ class SoftTargets:
     outputs: tuple[TaskResult, ...]
     hints: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (batch, *hint_shape)
     lengths: np.ndarray | None = None  # sequence requests: (batch,) int64, to split token rows
+    # The request's: how the doors encode top-k outputs. With "log_prob_codes" a top-k task's
+    # `values` are uint8 codes (protocol.packed.log_prob_codes), not floats.
+    top_k_encoding: str = "tensors"
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ never reaches a head, and put back in request order.
 Per request and task: a token-level task's head runs on the request's real token states (tokens,
 dim) -> (tokens, classes); a sequence-level task's on its sequences' pooled states (batch, dim).
 Then temperature, probs / log_probs / logits in float64, dense or top-k (`torch.topk` on the
-device, tail mass = 1 - sum of the top-k probabilities), the scored ids' log-probabilities at T,
-and the output dtype, all on the device; everything sent (and the sequence-level probabilities
+device, tail mass = 1 - sum of the top-k probabilities; with `top_k_encoding` log_prob_codes the
+top-k values as uint8 codes of the float64 log-probabilities, `protocol.packed`), the scored ids'
+log-probabilities at T, and the output dtype, all on the device; everything sent (and the sequence-level probabilities
 for telemetry) is copied to the host in one transfer. A request's numbers are those it would get
 alone, up to float rounding: every op after the forward is per row, and padding is masked.
 
@@ -32,6 +33,7 @@ import numpy as np
 import torch
 
 from protocol.codec import bfloat16_bits_to_float32
+from protocol.packed import LOG_PROB_STEP, MAX_CODE
 from teacher_server.repository.store import LoadedModel
 from teacher_server.serving.engine import task_values
 from teacher_server.serving.schema import (
@@ -296,6 +298,7 @@ class SequenceEngine:
                     batch_id=request.batch_id,
                     temperature=request.temperature,
                     output_dtype=request.output_dtype,
+                    top_k_encoding=request.top_k_encoding,
                     outputs=tuple(outputs),
                     hints={name: host[index] for name, index in hints.items()},
                     lengths=item.lengths,
@@ -323,7 +326,12 @@ class SequenceEngine:
             copies["values"] = copy.add(values.float().to(dtype))
         else:
             top_values, top_indices = torch.topk(values, top_k, dim=1)  # (rows, k), descending
-            copies["values"] = copy.add(top_values.float().to(dtype))
+            if request.top_k_encoding == "log_prob_codes":  # from the float64 log-probs
+                top_log_probs = top_values if kind == "log_probs" else top_values.log()
+                codes = (-top_log_probs / LOG_PROB_STEP).round().clamp(0, MAX_CODE)
+                copies["values"] = copy.add(codes.to(torch.uint8))
+            else:
+                copies["values"] = copy.add(top_values.float().to(dtype))
             copies["indices"] = copy.add(top_indices)
             if kind != "logits":
                 top_probs = top_values if kind == "probs" else top_values.exp()

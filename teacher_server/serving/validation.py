@@ -14,6 +14,7 @@ from protocol.errors import FailedPrecondition, InvalidArgument
 from teacher_server.serving.schema import (
     OUTPUT_DTYPES,
     OUTPUT_KINDS,
+    TOP_K_ENCODINGS,
     ModelInfo,
     SoftTargetsRequest,
     ValidatedRequest,
@@ -71,6 +72,7 @@ def validate(request: SoftTargetsRequest, info: ModelInfo) -> ValidatedRequest:
             f"tasks), got {request.top_k}",
             "top_k",
         )
+    _validate_top_k_encoding(request, info)
     if len(set(request.hints)) != len(request.hints):
         raise InvalidArgument(f"hints: listed twice in {list(request.hints)}", "hints")
     unknown_hints = [hint for hint in request.hints if hint not in info.hints]
@@ -89,6 +91,29 @@ def validate(request: SoftTargetsRequest, info: ModelInfo) -> ValidatedRequest:
     return ValidatedRequest(
         request=request, tasks=tuple(tasks), inputs=_validate_inputs(request, info)
     )
+
+
+def _validate_top_k_encoding(request: SoftTargetsRequest, info: ModelInfo) -> None:
+    """Packed top-k is a wire encoding, accepted for every model; 8-bit log-probability codes
+    are made by the sequence engine, for probabilities and log-probabilities only."""
+    encoding = request.top_k_encoding
+    if encoding not in TOP_K_ENCODINGS:
+        raise InvalidArgument(
+            f"top_k_encoding: {encoding!r} is not one of {list(TOP_K_ENCODINGS)}", "top_k_encoding"
+        )
+    if encoding != "log_prob_codes":
+        return
+    if info.input_kind != "tokens":
+        raise InvalidArgument(
+            f"top_k_encoding: log-probability codes are for sequence models; model {info.name!r} "
+            "takes fixed-shape inputs (use packed)",
+            "top_k_encoding",
+        )
+    if request.output == "logits":
+        raise InvalidArgument(
+            "top_k_encoding: log-probability codes need output probs or log_probs, got logits",
+            "top_k_encoding",
+        )
 
 
 def _validate_sequences(

@@ -6,13 +6,14 @@ default. Decoding checks what the wire needs; the core validates the rest, once 
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 from google.protobuf.message import DecodeError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from protocol import codec
+from protocol import codec, packed
 from protocol.errors import InvalidArgument
 from protocol.v1 import teacher_pb2 as pb
 from teacher_server.http_errors import invalid_argument
@@ -20,6 +21,7 @@ from teacher_server.serving.schema import (
     ModelInfo,
     SoftTargets,
     SoftTargetsRequest,
+    TaskResult,
     TokenizerInfo,
     VersionSummary,
 )
@@ -33,6 +35,11 @@ _KIND_FROM_PB = {
 _KIND_TO_PB = {"probs": pb.PROBS, "log_probs": pb.LOG_PROBS, "logits": pb.LOGITS}
 _OUTPUT_DTYPE_FROM_PB = {pb.DATA_TYPE_UNSPECIFIED: "float32"} | {
     value: codec.DTYPE_NAMES[value] for value in (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)
+}
+_TOP_K_ENCODING_FROM_PB = {
+    pb.TOP_K_ENCODING_UNSPECIFIED: "tensors",
+    pb.PACKED: "packed",
+    pb.PACKED_LOG_PROB_CODES: "log_prob_codes",
 }
 
 
@@ -48,6 +55,10 @@ def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTa
         )
     if not message.HasField("inputs"):
         raise InvalidArgument("inputs: missing", "inputs")
+    if message.top_k_encoding not in _TOP_K_ENCODING_FROM_PB:
+        raise InvalidArgument(
+            f"top_k_encoding: unknown encoding {message.top_k_encoding}", "top_k_encoding"
+        )
     codec.refuse_bfloat16_inputs(message.inputs.dtype, "inputs.dtype")
     lengths = scored_ids = None
     if message.HasField("lengths"):
@@ -68,6 +79,22 @@ def request_from_pb(message: pb.SoftTargetsRequest, max_elements: int) -> SoftTa
         lengths=lengths,
         scored_ids=scored_ids,
         tokenizer_hash=message.tokenizer_hash,
+        top_k_encoding=_TOP_K_ENCODING_FROM_PB[message.top_k_encoding],
+    )
+
+
+def _packed_top_k(task: TaskResult, result: SoftTargets) -> pb.PackedTopK | None:
+    """The task's top-k answer packed, if the request asked for it and the task has top-k."""
+    if result.top_k_encoding == "tensors" or task.indices is None:
+        return None
+    return packed.encode_top_k(
+        task.values,
+        task.indices,
+        task.tail_mass,
+        task.kind,
+        task.classes,
+        codec.DTYPES_BY_NAME[result.output_dtype],
+        codes=result.top_k_encoding == "log_prob_codes",
     )
 
 
@@ -75,16 +102,16 @@ def response_to_pb(result: SoftTargets) -> pb.SoftTargetsResponse:
     output_dtype = codec.DTYPES_BY_NAME[result.output_dtype]
     outputs = []
     for task in result.outputs:
-        output = pb.TaskOutput(
-            task=task.task,
-            kind=_KIND_TO_PB[task.kind],
-            values=codec.encode(task.values, output_dtype),
-            level=task.level,
-        )
-        if task.indices is not None:
+        output = pb.TaskOutput(task=task.task, kind=_KIND_TO_PB[task.kind], level=task.level)
+        top_k = _packed_top_k(task, result)
+        if top_k is not None:
+            output.packed.CopyFrom(top_k)
+        else:
+            output.values.CopyFrom(codec.encode(task.values, output_dtype))
+        if top_k is None and task.indices is not None:
             index_dtype = codec.index_dtype(task.classes, task.level == "token")
             output.indices.CopyFrom(codec.encode(task.indices, index_dtype))
-        if task.tail_mass is not None:
+        if top_k is None and task.tail_mass is not None:
             output.tail_mass.CopyFrom(codec.encode(task.tail_mass))
         if task.scored_values is not None:
             output.scored_values.CopyFrom(codec.encode(task.scored_values, output_dtype))
@@ -206,6 +233,11 @@ class SoftTargetsBody(BaseModel):
     tokenizer_hash: str = Field(
         "", description="sequence models: sha256:<hex> of the tokenizer the ids came from"
     )
+    top_k_encoding: str = Field(
+        "tensors",
+        description="top-k outputs as number lists (tensors), or `packed` (packed, "
+        "log_prob_codes): the bytes of distill.v1.PackedTopK in base64",
+    )
 
 
 def _json_array(values: list[Any], dtype_name: str, field: str) -> np.ndarray:
@@ -259,22 +291,48 @@ def request_from_json(model: str, raw: bytes) -> SoftTargetsRequest:
         if body.scored_ids is None
         else _json_array(body.scored_ids, "int64", "scored_ids"),
         tokenizer_hash=body.tokenizer_hash,
+        top_k_encoding=body.top_k_encoding,
     )
+
+
+def _packed_ints_json(message: pb.PackedInts) -> dict[str, Any]:
+    return {
+        "bits": message.bits,
+        "shape": list(message.shape),
+        "data": base64.b64encode(message.data).decode("ascii"),
+    }
+
+
+def packed_top_k_json(message: pb.PackedTopK) -> dict[str, Any]:
+    """A `PackedTopK` in JSON: dtypes by name, each `PackedInts` as bits, shape and base64 data."""
+    entry: dict[str, Any] = {
+        "indices": _packed_ints_json(message.indices),
+        "values": _packed_ints_json(message.values),
+        "values_dtype": codec.dtype_name(message.values_dtype),
+    }
+    if message.values_dtype == pb.UINT8:
+        entry["log_prob_step"] = message.log_prob_step
+    if message.HasField("tail_mass"):
+        entry["tail_mass"] = _packed_ints_json(message.tail_mass)
+        entry["tail_dtype"] = codec.dtype_name(message.tail_dtype)
+    return entry
 
 
 def soft_targets_json(result: SoftTargets) -> dict[str, Any]:
     """The JSON answer: per task `kind`, `level`, `values` (and `indices`, `tail_mass` for top-k,
+    or `packed` instead of the three when the request asked for a packed encoding;
     `scored_values` for scored ids); `lengths` for sequence requests."""
     outputs: dict[str, Any] = {}
     for task in result.outputs:
-        entry: dict[str, Any] = {
-            "kind": task.kind,
-            "level": task.level,
-            "values": task.values.tolist(),
-        }
-        if task.indices is not None:
+        entry: dict[str, Any] = {"kind": task.kind, "level": task.level}
+        top_k = _packed_top_k(task, result)
+        if top_k is not None:
+            entry["packed"] = packed_top_k_json(top_k)
+        else:
+            entry["values"] = task.values.tolist()
+        if top_k is None and task.indices is not None:
             entry["indices"] = task.indices.tolist()
-        if task.tail_mass is not None:
+        if top_k is None and task.tail_mass is not None:
             entry["tail_mass"] = task.tail_mass.tolist()
         if task.scored_values is not None:
             entry["scored_values"] = task.scored_values.tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -131,7 +132,7 @@ def test_padded_and_packed_give_the_same_token_rows(
 def test_top_k_indices_travel_as_uint16(sequence_teacher: TeacherProcess) -> None:
     ids = np.array([[1, 57, 402], [1, 88, 0]], dtype=np.int64)
     batch = TokenBatch(ids, np.array([3, 2]))
-    options = TargetOptions(model=MODEL, tasks=("next_token",), top_k=5)
+    options = TargetOptions(model=MODEL, tasks=("next_token",), top_k=5, top_k_encoding="tensors")
     with loopback_channel(sequence_teacher.grpc_address) as channel:
         stub = pb_grpc.TeacherServiceStub(channel)
         response = stub.GetSoftTargets(request_to_pb(batch, options, MODEL, "b"), timeout=30)
@@ -139,6 +140,57 @@ def test_top_k_indices_travel_as_uint16(sequence_teacher: TeacherProcess) -> Non
     decoded = soft_targets_from_pb(response).outputs["next_token"]
     assert decoded.indices is not None and decoded.indices.dtype == np.int64
     assert decoded.indices.shape == (5, 5) and int(decoded.indices.max()) < 65536
+
+
+def test_sequence_top_k_asks_for_packed_by_default(sequence_teacher: TeacherProcess) -> None:
+    batch = TokenBatch(np.array([[1, 57, 402], [1, 88, 0]], dtype=np.int64), np.array([3, 2]))
+    options = TargetOptions(model=MODEL, tasks=("next_token",), top_k=5)
+    request = request_to_pb(batch, options, MODEL, "b")
+    assert request.top_k_encoding == pb.PACKED
+    with loopback_channel(sequence_teacher.grpc_address) as channel:
+        stub = pb_grpc.TeacherServiceStub(channel)
+        response = stub.GetSoftTargets(request, timeout=30)
+        vocab = stub.GetModelInfo(pb.GetModelInfoRequest(model=MODEL), timeout=30).vocab_size
+    output = response.outputs[0]
+    assert output.HasField("packed") and not output.HasField("indices")
+    assert output.packed.indices.bits == (vocab - 1).bit_length()  # ceil(log2 V)
+    assert output.packed.values.bits == 15  # float16 probabilities without their sign bit
+    # image requests, and dense ones, keep the plain Tensors
+    assert (
+        request_to_pb(np.zeros((1, 1, 28, 28), np.float32), options, "m", "b").top_k_encoding == 0
+    )
+    dense = TargetOptions(model=MODEL, tasks=("next_token",))
+    assert request_to_pb(batch, dense, MODEL, "b").top_k_encoding == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("encoding", ["packed", "log_prob_codes"])
+def test_packed_answers_decode_like_the_tensors(
+    sequence_teacher: TeacherProcess, transport: str, encoding: str
+) -> None:
+    """The client's decode of a packed answer equals the plain answer: values and ids exactly
+    (codes: within half a step), the tail mass within float16 rounding."""
+    with TeacherClient(address(sequence_teacher, transport), transport=transport) as client:  # type: ignore[arg-type]
+        info = client.model_info(MODEL)
+        ids, lengths, _ = random_batches(info, 1, seed=11)[0]
+        batch = TokenBatch(ids, lengths)
+        base = TargetOptions(model=MODEL, output="log_probs", top_k=3, temperature=2.0)
+        plain = client.soft_targets_with(batch, replace(base, top_k_encoding="tensors"))
+        compact = client.soft_targets_with(batch, replace(base, top_k_encoding=encoding))
+    for task in ("next_token", "topic_group"):
+        want, got = plain.outputs[task], compact.outputs[task]
+        assert got.values.dtype == np.float16  # JSON's plain answer is lists, read as float32
+        assert want.values.dtype == (np.float32 if transport == "http-json" else np.float16)
+        assert got.indices is not None and want.indices is not None
+        assert got.tail_mass is not None and want.tail_mass is not None
+        assert got.indices.dtype == np.int64 and got.tail_mass.dtype == np.float32
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_allclose(got.tail_mass, want.tail_mass, rtol=2.0**-11, atol=2.0**-25)
+        if encoding == "packed":
+            np.testing.assert_array_equal(got.values.astype(np.float32), want.values)
+        else:  # codes of the float64 log-probs vs their float16 rounding
+            error = np.abs(got.values.astype(np.float64) - want.values.astype(np.float64))
+            assert error.max() <= 1 / 32 + 2.0**-7
 
 
 def test_a_wrong_tokenizer_hash_is_refused_by_the_teacher(
