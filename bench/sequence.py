@@ -13,7 +13,8 @@ Sections:
    `SequenceEngine.run` on an already validated request, in this process: forward in length
    buckets, head, float64 log-softmax, top-k, tail mass, float16, one host copy; the limit the
    server could reach) against the served teacher over one gRPC `StreamSoftTargets` call with
-   16 requests in flight and over HTTP protobuf with 4 concurrent clients. Cells of >= 4,096
+   16 requests in flight and over HTTP protobuf with 4 concurrent clients, both asking for the
+   PACKED encoding the student client uses (so the served side also pays for packing). Cells of >= 4,096
    tokens per request are marked (*): the issue's target there is served >= 0.8x in-process.
 2. Padding waste (padded tokens / real tokens - 1) on a length-skewed mix (log-normal lengths,
    capped at the longest length), merged as the batcher merges (in arrival order up to the
@@ -21,10 +22,15 @@ Sections:
    budget, and the same merged batches counted the way `plan_forwards` cuts them with a huge
    budget (the waste cap alone) and as one padded forward per merged batch (no budget, no cap).
 3. Bytes per token on the wire from real serialized responses (gRPC `ByteSize()`, HTTP protobuf
-   body length, divided by real tokens) for dense float32 log-probs and our top-k (float16
-   values, UINT16 ids, float32 tail mass) at k = 8, 32, 128; beside TRL's format at the same k
-   computed from its definition (float32 value + int32 id per (token, k), base64 in JSON: x 4/3)
-   and DistillKit's published ~300 B/token at k = 128 (a constant from their docs).
+   body length, divided by real tokens) for dense float32 log-probs and our top-k at k = 8, 32,
+   128 in each `top_k_encoding`: the Tensors (float16 values, UINT16 ids, float32 tail mass),
+   PACKED (ids at ceil(log2 V) bits, float16 values and tail without their sign bit; lossless
+   but for the tail's float16 rounding; what the student client asks for) and
+   PACKED_LOG_PROB_CODES (8-bit codes, lossy: their largest log-prob error and the KL they add
+   over the k + 1 buckets are measured against the float32 top-k of the same request); beside
+   TRL's format at the same k computed from its definition (float32 value + int32 id per
+   (token, k), base64 in JSON: x 4/3) and DistillKit's published ~300 B/token at k = 128 (a
+   constant from their docs).
 
 The default teacher reads at most 128 tokens; it uses rotary positions (no table sized by
 `max_length`), so for L = 256 the bench serves a copy of its folder whose config allows 256
@@ -66,7 +72,7 @@ from bench.common import (
     teacher_process,
     write_json,
 )
-from protocol import codec
+from protocol import codec, packed
 from protocol.v1 import teacher_pb2 as pb
 from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.repository.store import load_model
@@ -232,10 +238,17 @@ def windows(stream: np.ndarray, lengths: Sequence[int], offset: int = 0) -> np.n
 
 
 def request_pb(
-    model: str, ids: np.ndarray, lengths: np.ndarray, top_k: int, output_dtype: int
+    model: str,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    top_k: int,
+    output_dtype: int,
+    encoding: int = pb.PACKED,
 ) -> pb.SoftTargetsRequest:
-    """The LM task's log-probabilities (top-k, or dense with `top_k` 0) at T = 1."""
+    """The LM task's log-probabilities (top-k, or dense with `top_k` 0) at T = 1; top-k in
+    `encoding` (the student client's default, PACKED, unless told)."""
     return pb.SoftTargetsRequest(
+        top_k_encoding=encoding,  # type: ignore[arg-type]
         model=model,
         tasks=[LM_TASK],
         output=pb.LOG_PROBS,
@@ -336,6 +349,8 @@ def time_loop(
 def token_rows(response: pb.SoftTargetsResponse) -> int:
     """Real tokens answered: the rows of the LM task's values."""
     output = next(o for o in response.outputs if o.task == LM_TASK)
+    if output.HasField("packed"):
+        return int(output.packed.values.shape[0])
     return int(output.values.shape[0])
 
 
@@ -705,6 +720,47 @@ def print_padding(padding: dict[str, Any]) -> None:
 # --- 3. bytes per token --------------------------------------------------------------------------
 
 
+def _decoded_top_k(response: pb.SoftTargetsResponse) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The LM task's (values, indices, tail mass) of a response, packed or Tensors."""
+    output = next(o for o in response.outputs if o.task == LM_TASK)
+    if output.HasField("packed"):
+        values, indices, tail = packed.decode_top_k(output.packed, "log_probs", "packed")
+        assert tail is not None  # log-probs always carry their tail mass
+        return values, indices, tail
+    return (
+        codec.decode(output.values),
+        codec.decode(output.indices).astype(np.int64),
+        codec.decode(output.tail_mass),
+    )
+
+
+def code_effect(
+    exact: tuple[np.ndarray, np.ndarray, np.ndarray],
+    coded: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> dict[str, float]:
+    """What 8-bit codes do to the targets: the largest log-prob error against the float32 top-k,
+    and the mean and largest KL(exact || coded) per token over the k + 1 buckets (top k and the
+    tail), the coded buckets renormalised as a loss would see them."""
+    values, indices, tail = (np.asarray(a, np.float64) for a in exact)
+    coded_values, coded_indices, coded_tail = (np.asarray(a, np.float64) for a in coded)
+    if not np.array_equal(indices, coded_indices):
+        raise RuntimeError("codes changed the top-k ids")
+    p = np.concatenate([np.exp(values), tail[:, None]], axis=1)
+    q = np.concatenate([np.exp(coded_values), coded_tail[:, None]], axis=1)
+    q = q / q.sum(axis=1, keepdims=True)
+    p = np.clip(p, 0.0, None)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        terms = np.where(p > 0, p * (np.log(p) - np.log(np.maximum(q, 1e-300))), 0.0)
+    kl = terms.sum(axis=1)
+    inside = values >= -255.5 * packed.LOG_PROB_STEP
+    return {
+        "max_abs_log_prob_error": float(np.abs(coded_values - values)[inside].max()),
+        "entries_below_the_last_code": int((~inside).sum()),
+        "mean_kl_nats": float(kl.mean()),
+        "max_kl_nats": float(kl.max()),
+    }
+
+
 def bench_wire(
     stub: pb_grpc.TeacherServiceStub,
     http_url: str,
@@ -719,24 +775,36 @@ def bench_wire(
     lengths = np.full(sequences, length, dtype=np.int64)
     tokens = sequences * length
     rows: list[dict[str, Any]] = []
+    responses: dict[tuple[int, int, int], pb.SoftTargetsResponse] = {}
 
-    def measured(label: str, k: int, dtype: int) -> float:
-        response = stub.GetSoftTargets(request_pb(model, ids, lengths, k, dtype), timeout=300)
+    def measured(label: str, k: int, dtype: int, encoding: int) -> float:
+        response = stub.GetSoftTargets(
+            request_pb(model, ids, lengths, k, dtype, encoding), timeout=300
+        )
         if token_rows(response) != tokens:
             raise RuntimeError(f"{label}: {token_rows(response)} rows, expected {tokens}")
+        responses[k, dtype, encoding] = response
         per_token = response.ByteSize() / tokens
         rows.append({"format": label, "k": k, "bytes_per_token": round(per_token, 3),
                      "source": "gRPC SoftTargetsResponse.ByteSize()"})  # fmt: skip
         return per_token
 
-    dense = measured(f"dense float32 log-probs (V = {vocab_size:,})", 0, pb.FLOAT32)
+    id_bits = packed.index_bits(vocab_size)
+    dense = measured(f"dense float32 log-probs (V = {vocab_size:,})", 0, pb.FLOAT32, 0)
+    tensors: dict[int, float] = {}
     ours: dict[int, float] = {}
+    coded: dict[int, float] = {}
     for k in WIRE_K:
         if k > vocab_size:
             continue
-        ours[k] = measured(f"ours top-{k}: float16 + UINT16 ids + tail", k, pb.FLOAT16)
-    k_http = TOP_K if TOP_K in ours else min(ours)
-    body = request_pb(model, ids, lengths, k_http, pb.FLOAT16).SerializeToString()
+        tensors[k] = measured(f"top-{k} Tensors: float16 + UINT16 ids + float32 tail", k,
+                              pb.FLOAT16, pb.TOP_K_ENCODING_UNSPECIFIED)  # fmt: skip
+        ours[k] = measured(f"top-{k} PACKED: {id_bits}-bit ids, 15-bit float16, 15-bit tail", k,
+                           pb.FLOAT16, pb.PACKED)  # fmt: skip
+        coded[k] = measured(f"top-{k} PACKED_LOG_PROB_CODES: 8-bit codes (lossy)", k,
+                            pb.FLOAT16, pb.PACKED_LOG_PROB_CODES)  # fmt: skip
+    k = TOP_K if TOP_K in ours else max(ours)
+    body = request_pb(model, ids, lengths, k, pb.FLOAT16).SerializeToString()
     reply = httpx.post(
         f"{http_url}/v1/models/{model}/soft-targets",
         content=body,
@@ -744,32 +812,24 @@ def bench_wire(
         timeout=300,
     )
     reply.raise_for_status()
-    rows.append({"format": f"ours top-{k_http}, HTTP protobuf body", "k": k_http,
+    rows.append({"format": f"top-{k} PACKED, HTTP protobuf body", "k": k,
                  "bytes_per_token": round(len(reply.content) / tokens, 3),
                  "source": "HTTP response body length"})  # fmt: skip
     trl = {k: TRL_BYTES_PER_ENTRY * k * BASE64 for k in ours}
-    for k, value in trl.items():
-        rows.append({"format": f"TRL top-{k}: float32 value + int32 id, base64 JSON", "k": k,
+    for key, value in trl.items():
+        rows.append({"format": f"TRL top-{key}: float32 value + int32 id, base64 JSON", "k": key,
                      "bytes_per_token": round(value, 3),
                      "source": "computed: 8 B x k x 4/3 (JSON keys and brackets not counted)"})  # fmt: skip
     rows.append({"format": "DistillKit top-128 (published)", "k": 128,
                  "bytes_per_token": DISTILLKIT_BYTES_PER_TOKEN_K128,
                  "source": "constant from DistillKit's docs, not measured"})  # fmt: skip
-    k = TOP_K if TOP_K in ours else max(ours)
-    # What it would take (computed, not built): ids bit-packed to ceil(log2 V) bits, and values
-    # as 8-bit codes (e.g. log-probs in 1/16-nat steps), each with the same framing as measured.
-    id_bits = max(1, math.ceil(math.log2(vocab_size)))
-    framing = ours[k] - (4 * k + 4)  # measured bytes beyond values + ids + tail mass
-    packed_ids = k * id_bits / 8
-    alternatives = {
-        "bit-packed ids": 2 * k + packed_ids + 4 + framing,
-        "8-bit values": k + 2 * k + 4 + framing,
-        "bit-packed ids + 8-bit values": k + packed_ids + 4 + framing,
-    }
-    for label, value in alternatives.items():
-        rows.append({"format": f"ours top-{k} with {label} (not built)", "k": k,
-                     "bytes_per_token": round(value, 3),
-                     "source": f"computed from the measured top-{k} size, ids of {id_bits} bits"})  # fmt: skip
+    # The codes' effect, against the float32 top-k of the same request.
+    exact = stub.GetSoftTargets(
+        request_pb(model, ids, lengths, k, pb.FLOAT32, pb.TOP_K_ENCODING_UNSPECIFIED), timeout=300
+    )
+    effect = code_effect(
+        _decoded_top_k(exact), _decoded_top_k(responses[k, pb.FLOAT16, pb.PACKED_LOG_PROB_CODES])
+    )
     return {
         "request": {"sequences": sequences, "length": length, "tokens": tokens},
         "vocab_size": vocab_size,
@@ -777,7 +837,10 @@ def bench_wire(
         "k": k,
         "ours_over_dense": ours[k] / dense,
         "trl_over_ours": trl[k] / ours[k],
-        "alternatives_trl_over": {label: trl[k] / value for label, value in alternatives.items()},
+        "trl_over_tensors": trl[k] / tensors[k],
+        "trl_over_codes": trl[k] / coded[k],
+        "codes_over_dense": coded[k] / dense,
+        "code_effect": effect,
     }
 
 
@@ -790,9 +853,15 @@ def print_wire(wire: dict[str, Any]) -> None:
         [[r["format"], float(r["bytes_per_token"]), r["source"]] for r in wire["rows"]],
     )
     k = wire["k"]
+    effect = wire["code_effect"]
     print(
-        f"\n   top-{k}: {100 * wire['ours_over_dense']:.2f}% of dense float32; TRL's format is "
-        f"{wire['trl_over_ours']:.2f}x ours"
+        f"\n   top-{k} PACKED: {100 * wire['ours_over_dense']:.2f}% of dense float32; TRL's format "
+        f"is {wire['trl_over_ours']:.2f}x PACKED, {wire['trl_over_tensors']:.2f}x the Tensors, "
+        f"{wire['trl_over_codes']:.2f}x the 8-bit codes\n   8-bit codes vs the float32 top-{k}: "
+        f"max |log-prob error| {effect['max_abs_log_prob_error']:.4f} nats "
+        f"({effect['entries_below_the_last_code']} entries below the last code), KL(exact || "
+        f"coded) over the {k}+1 buckets mean {effect['mean_kl_nats']:.2e}, max "
+        f"{effect['max_kl_nats']:.2e} nats per token"
     )
 
 
@@ -845,7 +914,7 @@ def targets(
     )
     result.append(
         Target(
-            f"TRL top-{k} / ours top-{k} bytes",
+            f"TRL top-{k} / ours top-{k} (PACKED, lossless) bytes",
             wire["trl_over_ours"],
             ">= 3x",
             wire["trl_over_ours"] >= 3.0,

@@ -74,13 +74,24 @@ def test_quick_run(tmp_path: Path) -> None:
     wire = saved["wire"]
     by_format = {r["format"]: r["bytes_per_token"] for r in wire["rows"]}
     assert all(positive_finite(v) for v in by_format.values())
-    ours = [
-        r for r in wire["rows"] if r["format"].startswith("ours top-") and "(" not in r["format"]
+    for encoding in ("Tensors:", "PACKED:", "PACKED_LOG_PROB_CODES:"):
+        sizes = [
+            r["bytes_per_token"]
+            for r in wire["rows"]
+            if r["format"].startswith("top-") and r["format"].split(" ")[1] == encoding
+        ]
+        assert sizes and sizes == sorted(sizes)  # a larger k costs more bytes
+    # the same k: codes < packed < Tensors
+    k = wire["k"]
+    same_k = [
+        by_format[name] for name in by_format if name.startswith(f"top-{k} ") and "HTTP" not in name
     ]
-    sizes = [r["bytes_per_token"] for r in ours if "HTTP" not in r["format"]]
-    assert sizes == sorted(sizes)  # a larger k costs more bytes
+    assert same_k == sorted(same_k, reverse=True) and len(same_k) == 3
     assert positive_finite(wire["ours_over_dense"]) and wire["ours_over_dense"] < 1
-    assert positive_finite(wire["trl_over_ours"])
+    assert wire["trl_over_codes"] > wire["trl_over_ours"] > wire["trl_over_tensors"] > 0
+    effect = wire["code_effect"]
+    assert effect["max_abs_log_prob_error"] <= 1 / 32 + 1e-6  # half a step, as documented
+    assert 0 <= effect["mean_kl_nats"] <= effect["max_kl_nats"]
 
     names = [t["name"] for t in saved["targets"]]
     assert "padding waste, budget on" in names
