@@ -13,7 +13,7 @@ Sections:
    `SequenceEngine.run` on an already validated request, in this process: forward in length
    buckets, head, float64 log-softmax, top-k, tail mass, float16, one host copy; the limit the
    server could reach) against the served teacher over one gRPC `StreamSoftTargets` call with
-   16 requests in flight and over HTTP protobuf with 4 concurrent clients, both asking for the
+   16 requests in flight (fewer for large requests: `stream_depth`) and over HTTP protobuf with 4 concurrent clients, both asking for the
    PACKED encoding the student client uses (so the served side also pays for packing). Cells of >= 4,096
    tokens per request are marked (*): the issue's target there is served >= 0.8x in-process.
 2. Padding waste (padded tokens / real tokens - 1) on a length-skewed mix (log-normal lengths,
@@ -405,11 +405,21 @@ def _stream_run(
     return cell
 
 
+def stream_depth(tokens_per_request: int) -> int:
+    """Requests in flight on the stream: 16, or as many as two forwards' token budget holds, at
+    least as many as the HTTP clients. (16 requests of 8,192 tokens queue 131k tokens: on a
+    loaded 2-core machine the last ones wait past the server's 60 s default deadline.)"""
+    return min(STREAM_DEPTH, max(HTTP_CLIENTS, 2 * DEFAULT_MAX_BATCH_TOKENS // tokens_per_request))
+
+
 def measure_stream(
-    stub: pb_grpc.TeacherServiceStub, requests: Sequence[pb.SoftTargetsRequest], budget: Budget
+    stub: pb_grpc.TeacherServiceStub,
+    requests: Sequence[pb.SoftTargetsRequest],
+    budget: Budget,
+    depth: int = STREAM_DEPTH,
 ) -> Cell:
-    _stream_run(stub, requests, STREAM_DEPTH, budget.warmup_s, 1)
-    return _stream_run(stub, requests, STREAM_DEPTH, budget.duration_s, budget.min_calls)
+    _stream_run(stub, requests, depth, budget.warmup_s, 1)
+    return _stream_run(stub, requests, depth, budget.duration_s, budget.min_calls)
 
 
 def measure_http(
@@ -512,7 +522,7 @@ def merged_requests(tokens_per_request: int, sequences_per_request: int) -> int:
     return max(
         1,
         min(
-            STREAM_DEPTH,
+            stream_depth(tokens_per_request),
             DEFAULT_MAX_BATCH_TOKENS // tokens_per_request,
             DEFAULT_MAX_BATCH_SIZE // sequences_per_request,
         ),
@@ -544,7 +554,7 @@ def bench_throughput(
                 "in-process-single": local.measure(
                     "in-process-single", [[item] for item in validated], budget
                 ),
-                "grpc-stream": measure_stream(stub, messages, budget),
+                "grpc-stream": measure_stream(stub, messages, budget, stream_depth(length * size)),
                 "http-protobuf": measure_http(
                     url,
                     [m.SerializeToString() for m in messages],

@@ -565,13 +565,17 @@ def test_a_good_client_is_unaffected_by_bad_requests(
     doors: Doors, sequence_teacher: TeacherProcess, info: pb.ModelInfo, vocab: int
 ) -> None:
     """Bad requests are refused before the batcher, so a good client's answers stay bitwise the
-    same while they fly (its own requests go one at a time, so each runs in a forward alone)."""
+    same while they fly (its own requests go one at a time, so each runs in a forward alone):
+    over gRPC and over HTTP (JSON, the answer's bytes), while every bad case flies on both."""
     seqs = sequences(vocab, seed=5)
     good = _grpc_request(padded(seqs), LENGTHS, top_k=3, output="log_probs")
+    good_json = _http_body(padded(seqs), LENGTHS, top_k=3, output="log_probs")
 
     def run() -> list[bytes]:
         response = doors[0].GetSoftTargets(good, timeout=TIMEOUT)
-        return [o.SerializeToString() for o in response.outputs]
+        reply = doors[1].post(f"/v1/models/{MODEL}/soft-targets", json=good_json)
+        assert reply.status_code == 200, reply.text
+        return [o.SerializeToString() for o in response.outputs] + [reply.content]
 
     before = run()
     stop = threading.Event()

@@ -2,7 +2,9 @@
 over gRPC, HTTP protobuf and HTTP JSON: the bytes decoded by a reference decoder written here from
 docs/protocol.md (Python integers, no project code) equal the plain Tensors' answer, round trip
 against the dense log-probabilities, the 8-bit codes stay within their stated error, and the
-encodings a model cannot give are refused naming the field."""
+encodings a model cannot give are refused naming the field. Also: a length-skewed mix of
+requests sent together over both transports (merged by the batcher) answers what each request
+gets alone."""
 
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def doors(
     sequence_repository: Path,
     connect: Callable[[TeacherProcess], Doors],
 ) -> Doors:
-    return connect(teacher_factory(sequence_repository))
+    # a long queue delay, so requests sent together are merged into one batch
+    return connect(teacher_factory(sequence_repository, "--max-queue-delay-ms", "300"))
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +159,7 @@ def ask(
         tasks=fields.get("tasks", []),
         output=KINDS[kind],
         top_k=fields.get("top_k", 0),
+        temperature=fields.get("temperature", 1.0),
         output_dtype=DTYPES[fields.get("output_dtype", "float32")],
         top_k_encoding=ENCODINGS[encoding],  # type: ignore[arg-type]
     )
@@ -332,3 +336,79 @@ def test_encodings_a_request_cannot_have_are_refused(
             assert output.packed.indices.bits == (classes - 1).bit_length()
         assert values.shape == (2, 2) and int(indices.max()) < 10
         np.testing.assert_allclose(values.sum(axis=1) + tail, 1.0, atol=1e-5)
+
+
+def _metric(http: httpx.Client, name: str) -> float:
+    total = 0.0
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + "{") and f'model="{MODEL}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_a_length_skewed_mix_merged_equals_each_request_alone(
+    doors: Doors, info: pb.ModelInfo
+) -> None:
+    """Eight requests of lengths 1 to 32, with different temperatures, k, kinds, dtypes, tasks and
+    encodings, sent at once over gRPC and HTTP protobuf (the teacher waits 300 ms to merge), give
+    what each gives alone, up to float rounding."""
+    import threading
+
+    vocab = int(info.vocab_size)
+    rng = np.random.default_rng(17)
+    mix: list[tuple[str, np.ndarray, np.ndarray, dict[str, Any]]] = []
+    shapes = [[32, 1, 1], [2], [17, 5, 30, 3], [1], [8, 8], [25, 2, 2, 2, 2], [31], [4, 12]]
+    for number, lengths in enumerate(shapes):
+        ids = rng.integers(1, vocab, size=(len(lengths), max(lengths)), dtype=np.int64)
+        fields: dict[str, Any] = {
+            "temperature": [0.5, 1.0, 2.0, 4.0][number % 4],
+            "output": ["log_probs", "probs", "logits", "log_probs"][number % 4],
+            "output_dtype": ["float32", "float16", "float32", "bfloat16"][number % 4],
+            "top_k": [3, 0, 2, 3][number % 4] if number % 3 else 7,
+            "tasks": [LM, GROUP] if number % 3 else [LM],
+            "top_k_encoding": ["tensors", "packed"][number % 2],
+        }
+        transport = TRANSPORTS[number % 2]  # grpc, http-protobuf
+        mix.append((transport, ids, np.asarray(lengths, np.int64), fields))
+
+    def one(item: tuple[str, np.ndarray, np.ndarray, dict[str, Any]]) -> dict[str, Any]:
+        transport, ids, lengths, fields = item
+        return ask(doors, transport, ids, lengths, **fields)
+
+    alone = [one(item) for item in mix]
+    forwards_before = _metric(doors[1], "teacher_batch_requests_count")
+    together: list[dict[str, Any] | None] = [None] * len(mix)
+    start = threading.Barrier(len(mix))
+
+    def send(index: int) -> None:
+        start.wait()
+        together[index] = one(mix[index])
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(mix))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    forwards = _metric(doors[1], "teacher_batch_requests_count") - forwards_before
+    assert forwards < len(mix), f"{forwards} batches for {len(mix)} requests: nothing merged"
+    for (_, _, _, fields), single, merged in zip(mix, alone, together, strict=True):
+        assert merged is not None
+        assert set(single) == set(merged)
+        for task in single:
+            a, b = single[task], merged[task]
+            if "packed" in a:
+                kind = fields["output"]
+                names = ("values", "indices", "tail_mass")
+                a = dict(zip(names, ref_decode(a["packed"], kind), strict=True))
+                b = dict(zip(names, ref_decode(b["packed"], kind), strict=True))
+            # float16 / bfloat16 values may round a last bit differently after a merged matmul
+            tolerance = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 1.6e-2}[
+                fields["output_dtype"]
+            ]
+            np.testing.assert_allclose(b["values"], a["values"], rtol=tolerance, atol=tolerance)
+            if a.get("indices") is not None:
+                assert (np.asarray(a["indices"]) == np.asarray(b["indices"])).mean() > 0.99
+            if a.get("tail_mass") is not None:
+                np.testing.assert_allclose(
+                    b["tail_mass"], a["tail_mass"], rtol=tolerance, atol=1e-5
+                )
