@@ -13,9 +13,10 @@ Sections:
    `SequenceEngine.run` on an already validated request, in this process: forward in length
    buckets, head, float64 log-softmax, top-k, tail mass, float16, one host copy; the limit the
    server could reach) against the served teacher over one gRPC `StreamSoftTargets` call with
-   16 requests in flight (fewer for large requests: `stream_depth`) and over HTTP protobuf with 4 concurrent clients, both asking for the
-   PACKED encoding the student client uses (so the served side also pays for packing). Cells of >= 4,096
-   tokens per request are marked (*): the issue's target there is served >= 0.8x in-process.
+   16 requests in flight (fewer for large requests: `stream_depth`) and over HTTP protobuf with
+   4 concurrent clients, both asking for the PACKED encoding the student client uses (so the
+   served side also pays for packing). Cells of >= 4,096 tokens per request are marked (*):
+   the issue's target there is served >= 0.8x in-process.
 2. Padding waste (padded tokens / real tokens - 1) on a length-skewed mix (log-normal lengths,
    capped at the longest length), merged as the batcher merges (in arrival order up to the
    server's default `max_batch_tokens` real tokens): the engine's own counters with the default
