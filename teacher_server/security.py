@@ -11,8 +11,9 @@ each naming a client with scopes: `infer` (soft targets, model info: what studen
 - `operator_token` / `operator_token_file`: one operator credential (client `operator`, scopes
   `infer` and `admin`).
 
-Rules: once any credential with scope `infer` is configured, every call needs a valid token;
-without one, calls without a token may infer (as before: no student credential, no check). A
+Rules: once any student credential (scope `infer` without `admin`) is configured, every call
+needs a valid token; without one, calls without a token may infer (as before: no student
+credential, no check), so adding an operator token alone protects the reload and nothing else. A
 token that is sent but unknown is always refused (UNAUTHENTICATED). Admin calls (`ReloadModel`,
 `POST /v1/models/{model}/reload`) need scope `admin`, and are off entirely (PERMISSION_DENIED)
 unless an operator credential is configured. Exempt, with or without a token: the health checks
@@ -80,8 +81,12 @@ class Credentials:
 
     @property
     def anonymous_may_infer(self) -> bool:
-        """No student credential is configured: calls without a token may infer."""
-        return not any(INFER in client.scopes for client in self.clients.values())
+        """No student credential (scope `infer` without `admin`) is configured: calls without a
+        token may infer, as on a server with no credential at all."""
+        return not any(
+            INFER in client.scopes and ADMIN not in client.scopes
+            for client in self.clients.values()
+        )
 
     @property
     def admin_configured(self) -> bool:
