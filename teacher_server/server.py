@@ -154,8 +154,8 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     )
     grpc_address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        credentials = grpc_server_credentials(settings.tls_cert_file, settings.tls_key_file)
-        grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+        tls = grpc_server_credentials(settings.tls_cert_file, settings.tls_key_file)
+        grpc_port = grpc_server.add_secure_port(grpc_address, tls)
     else:
         grpc_port = grpc_server.add_insecure_port(grpc_address)
     await grpc_server.start()
