@@ -76,6 +76,7 @@ class DynamicBatcher:
         self.max_queued_rows = max_queued_rows
         # A turn earns 1/16 of a forward's budget: 16 clients fill a forward in one round.
         quantum = max(1, (max_batch_tokens or max_batch_size) // 16)
+        self._quantum = quantum
         self._queue: FairQueue[_Pending] = FairQueue(quantum, fair)
         self._arrived = asyncio.Event()
         self._on_served = on_served
@@ -178,6 +179,11 @@ class DynamicBatcher:
         while not len(self._queue):
             await self._wait_for_arrival(None)
         self._busy = True  # holding requests from here until their results are set
+        # A client that was idle (a light or interactive one) is served first, and its forward is
+        # short: the new round's requests, topped up to one quantum of the others' rows, so its
+        # answer comes after this short forward instead of a full one. The top-up keeps the
+        # backlogged clients moving even if new clients keep every forward short.
+        short = self._queue.serving_new
         first = self._queue.pop()
         batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
         budget = self.max_batch_tokens or None
@@ -193,6 +199,8 @@ class DynamicBatcher:
                 if remaining <= 0 or not await self._wait_for_arrival(remaining):
                     break
                 continue
+            if short and samples >= self._quantum and not self._queue.serving_new:
+                break
             item = self._queue.peek()
             if samples + item.request.batch_size > self.max_batch_size or (
                 budget is not None and tokens + item.request.tokens > budget

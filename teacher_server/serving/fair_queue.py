@@ -79,6 +79,11 @@ class FairQueue(Generic[T]):
         same request, so a request that does not fit a forward is first in the next one."""
         return self._head()[0].items[0][3]
 
+    @property
+    def serving_new(self) -> bool:
+        """Whether the request `peek` names belongs to a client that was idle (the new round)."""
+        return bool(self._count) and self.fair and self._head()[1] is self._new
+
     def pop(self) -> T:
         """Remove and return the request `peek` names."""
         flow, ring = self._head()
