@@ -182,8 +182,9 @@ class DynamicBatcher:
         # A client that was idle (a light or interactive one) is served first, and its forward is
         # short: the new round's requests, topped up to one quantum of the others' rows, so its
         # answer comes after this short forward instead of a full one. The top-up keeps the
-        # backlogged clients moving even if new clients keep every forward short.
-        short = self._queue.serving_new
+        # backlogged clients moving even if new clients keep every forward short. With no
+        # backlog there is nothing to jump: the forward fills as usual.
+        short = self._queue.serving_new and self._queue.backlogged
         first = self._queue.pop()
         batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
         budget = self.max_batch_tokens or None

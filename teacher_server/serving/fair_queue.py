@@ -84,6 +84,11 @@ class FairQueue(Generic[T]):
         """Whether the request `peek` names belongs to a client that was idle (the new round)."""
         return bool(self._count) and self.fair and self._head()[1] is self._new
 
+    @property
+    def backlogged(self) -> bool:
+        """Whether a client waits in the regular round (it had more than one turn's worth)."""
+        return bool(self._old)
+
     def pop(self) -> T:
         """Remove and return the request `peek` names."""
         flow, ring = self._head()

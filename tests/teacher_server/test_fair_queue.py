@@ -93,3 +93,17 @@ def test_fifo_mode_keeps_arrival_order_across_clients() -> None:
     assert drain(queue, len(order)) == order  # type: ignore[arg-type]
     with pytest.raises(IndexError):
         queue.peek()
+
+
+def test_serving_new_and_backlogged_tell_the_batcher_when_to_cut_a_forward_short() -> None:
+    queue: FairQueue[str] = FairQueue(quantum=64)
+    queue.put("heavy", 1.0, 64, 64, "h0")
+    assert queue.serving_new and not queue.backlogged  # alone: nothing to jump
+    queue.put("heavy", 1.0, 64, 64, "h1")
+    assert queue.pop() == "h0"
+    assert not queue.serving_new and queue.backlogged  # its turn is over: the regular round
+    queue.put("light", 1.0, 8, 8, "l0")
+    assert queue.serving_new and queue.backlogged  # a light client ahead of a backlog
+    assert queue.pop() == "l0"
+    assert not queue.serving_new and queue.pop() == "h1"
+    assert not queue.backlogged and len(queue) == 0
