@@ -180,7 +180,8 @@ class DynamicBatcher:
             await self._wait_for_arrival(None)
         self._busy = True  # holding requests from here until their results are set
         # A client that was idle (a light or interactive one) is served first, and its forward is
-        # short: the new round's requests, topped up to one quantum of the others' rows, so its
+        # short: the new round's requests, topped up to one quantum of cost (rows, or tokens for
+        # a sequence model: `tokens` counts rows for the others), so its
         # answer comes after this short forward instead of a full one. The top-up keeps the
         # backlogged clients moving even if new clients keep every forward short. With no
         # backlog there is nothing to jump: the forward fills as usual.
@@ -200,7 +201,7 @@ class DynamicBatcher:
                 if remaining <= 0 or not await self._wait_for_arrival(remaining):
                     break
                 continue
-            if short and samples >= self._quantum and not self._queue.serving_new:
+            if short and tokens >= self._quantum and not self._queue.serving_new:
                 break
             item = self._queue.peek()
             if samples + item.request.batch_size > self.max_batch_size or (
