@@ -8,7 +8,8 @@ names every client. In each cell, N heavy students (N in 1, 4, 16; each its own 
 stream of batches of 64 uint8 images, keeping `depth` batches in flight, depth 16 or 128; run in
 up to 4 child processes, threads inside) stream for `--duration` seconds while a light client
 (batch 8, one unary request at a time, its own token, in this process) measures its latency.
-Each cell runs on the FIFO teacher, then on the fair one.
+Each cell runs on the FIFO teacher, then on the fair one (`--repeat N`: N times each, alternating
+which goes first, the runs pooled).
 
 Reported per cell and mode: the light client's median and p99 latency and their ratio to the
 light client alone (measured first on the same teacher); the mean forward time in the window
@@ -303,6 +304,25 @@ def run_cell(
     )
 
 
+def merge(runs: list[Cell]) -> Cell:
+    """One cell from repeated runs of it: latencies pooled, rows and seconds summed, forward
+    times weighted by the seconds measured."""
+    seconds = sum(run.seconds for run in runs)
+    return Cell(
+        runs[0].mode,
+        runs[0].heavy,
+        runs[0].depth,
+        [ms for run in runs for ms in run.light_ms],
+        sum(run.light_rows for run in runs),
+        sum(run.heavy_rows for run in runs),
+        seconds,
+        sum(run.forward_ms * run.seconds for run in runs) / seconds,
+        sum(run.full_forward_ms * run.seconds for run in runs) / seconds,
+        [error for run in runs for error in run.errors],
+        sum(run.censored for run in runs),
+    )
+
+
 def write_tokens(folder: Path, heavy: int) -> Path:
     path = folder / "tokens.toml"
     names = ["light", *(f"heavy-{i}" for i in range(heavy))]
@@ -325,6 +345,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-extra", type=float, default=60.0, help="most extra seconds")
     parser.add_argument(
         "--repository", type=Path, default=DEFAULT_REPOSITORY, help="holds mnist-multitask"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="measure each cell this many times per mode, alternating which mode goes first "
+        "(fifo-fair, fair-fifo, ...), and pool the runs: drifting load from other processes "
+        "then weighs on both modes alike",
     )
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
@@ -368,14 +396,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 mode: run_cell(teacher, mode, 0, 0, args.duration, args.min_light, 0)
                 for mode, teacher in teachers.items()
             }
-            cells = [
-                run_cell(
-                    teachers[mode], mode, n, depth, args.duration, args.min_light, args.max_extra
-                )
-                for n in heavy_counts
-                for depth in depths
-                for mode in ("fifo", "fair")
-            ]
+            cells = []
+            for n in heavy_counts:
+                for depth in depths:
+                    runs: dict[str, list[Cell]] = {"fifo": [], "fair": []}
+                    for repeat in range(args.repeat):  # ABBA: fifo, fair, fair, fifo, ...
+                        order = ("fifo", "fair") if repeat % 2 == 0 else ("fair", "fifo")
+                        for mode in order:
+                            runs[mode].append(
+                                run_cell(
+                                    teachers[mode],
+                                    mode,
+                                    n,
+                                    depth,
+                                    args.duration,
+                                    args.min_light,
+                                    args.max_extra,
+                                )
+                            )
+                    cells += [merge(runs["fifo"]), merge(runs["fair"])]
         finally:
             for teacher in teachers.values():
                 teacher.stop(15)
