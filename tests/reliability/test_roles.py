@@ -194,10 +194,12 @@ def test_a_reload_loop_runs_one_reload_at_a_time_and_skips_unchanged_files(
 
         def rewrite() -> None:  # same bytes, new mtime: a real reload, the same version
             content = weights.read_bytes()
+            staged = tmp_path / "staged.tmp"  # same file system, outside the model folder
             for _ in range(REWRITES):
                 if done.wait(0.3):
                     return
-                weights.write_bytes(content)
+                staged.write_bytes(content)  # in one step, as docs/model-repository.md asks:
+                staged.replace(weights)  # a reload never reads a half-written file
 
         threads = [threading.Thread(target=loop, args=(n,)) for n in range(RELOAD_THREADS)]
         writer = threading.Thread(target=rewrite)
