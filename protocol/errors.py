@@ -123,6 +123,15 @@ class Unauthenticated(TeacherError):
     http_status = 401
 
 
+class PermissionDenied(TeacherError):
+    """The credentials are valid but lack the scope the call needs (e.g. a student token calling
+    the admin reload). Retrying with the same credentials does not help."""
+
+    code = "PERMISSION_DENIED"
+    grpc_status = grpc.StatusCode.PERMISSION_DENIED
+    http_status = 403
+
+
 class Internal(TeacherError):
     """A bug or an unexpected failure in the server; the message says what failed."""
 
@@ -137,6 +146,7 @@ ERRORS: dict[str, type[TeacherError]] = {
         Unavailable,
         DeadlineExceeded,
         Unauthenticated,
+        PermissionDenied,
         Internal,
     )
 }

@@ -35,9 +35,11 @@ from protocol.v1 import teacher_pb2_grpc as pb_grpc
 from teacher_server.grpc_errors import DecodeErrorInterceptor, ErrorInterceptor
 from teacher_server.http_errors import add_error_handlers
 from teacher_server.security import (
-    GrpcTokenInterceptor,
-    HttpTokenMiddleware,
+    Credentials,
+    GrpcAuthInterceptor,
+    HttpAuthMiddleware,
     grpc_server_credentials,
+    load_credentials,
 )
 from teacher_server.serving.core import TeacherCore
 from teacher_server.serving.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -60,18 +62,20 @@ class _Uvicorn(uvicorn.Server):
 
 
 def create_app(
-    core: TeacherCore, max_message_bytes: int = 64 * 1024 * 1024, token: str | None = None
+    core: TeacherCore,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    credentials: Credentials | None = None,
 ) -> FastAPI:
     """The HTTP door over `core`: our `/v1` routes, the v2 routes, health, metrics and the API
-    docs at `/docs`. Request bodies above `max_message_bytes` get 413; with `token`, every route
-    but health, metrics and docs needs `authorization: Bearer <token>`."""
+    docs at `/docs`. Request bodies above `max_message_bytes` get 413; `credentials` (default:
+    none, so inference is open and the admin reload off) decide who may call what
+    (`teacher_server.security`) and name each request's client."""
     app = FastAPI(
         title="Distillation teacher",
         summary="Soft targets of a multi-task teacher, per task, at a chosen temperature.",
         version="1",
     )
-    if token:
-        app.add_middleware(HttpTokenMiddleware, token=token)
+    app.add_middleware(HttpAuthMiddleware, credentials=credentials or Credentials({}))
     add_error_handlers(app)
 
     @app.get("/healthz", tags=["health"])
@@ -95,6 +99,14 @@ def create_app(
     return app
 
 
+def _auth_summary(credentials: Credentials) -> str:
+    """How the log line describes the credentials (names only, never tokens)."""
+    infer = "open to every client" if credentials.anonymous_may_infer else "bearer token required"
+    admin = "on" if credentials.admin_configured else "off (no operator credential)"
+    names = f", clients {credentials.client_names}" if credentials.clients else ""
+    return f"; inference {infer}, admin reload {admin}{names}"
+
+
 def _write_port_file(path: Path, grpc_port: int, http_port: int) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps({"grpc_port": grpc_port, "http_port": http_port, "pid": os.getpid()}))
@@ -104,22 +116,24 @@ def _write_port_file(path: Path, grpc_port: int, http_port: int) -> None:
 async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     """Serve until SIGTERM/SIGINT. Loads the repository (training the default teacher if absent)
     unless a `core` is given."""
+    credentials = load_credentials(settings)  # a bad tokens file fails before any model loads
     if core is None:
         core = TeacherCore(settings)
         await asyncio.to_thread(core.load)
+    core.metrics.client_labels.name(credentials.client_names)
     await core.start()
 
     options = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
-    token = settings.token()
     # Errors first (it answers every TeacherError raised after it, the token check's included);
     # the token before decoding, so an unauthenticated call is refused whatever its body holds.
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorInterceptor()]
-    if token:
-        interceptors.append(GrpcTokenInterceptor(token))
-    interceptors.append(DecodeErrorInterceptor())
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        ErrorInterceptor(),
+        GrpcAuthInterceptor(credentials),
+        DecodeErrorInterceptor(),
+    ]
     grpc_server = grpc.aio.server(options=options, interceptors=interceptors)
     max_elements = settings.max_message_bytes  # no tensor of N elements fits in fewer than N bytes
     pb_grpc.add_TeacherServiceServicer_to_server(
@@ -140,8 +154,8 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     )
     grpc_address = f"{settings.host}:{settings.grpc_port}"
     if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-        credentials = grpc_server_credentials(settings.tls_cert_file, settings.tls_key_file)
-        grpc_port = grpc_server.add_secure_port(grpc_address, credentials)
+        tls = grpc_server_credentials(settings.tls_cert_file, settings.tls_key_file)
+        grpc_port = grpc_server.add_secure_port(grpc_address, tls)
     else:
         grpc_port = grpc_server.add_insecure_port(grpc_address)
     await grpc_server.start()
@@ -155,7 +169,7 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
     http_port = http_socket.getsockname()[1]
     http_server = _Uvicorn(
         uvicorn.Config(
-            create_app(core, settings.max_message_bytes, token),
+            create_app(core, settings.max_message_bytes, credentials),
             log_level=settings.log_level,
             timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
             ssl_certfile=settings.tls_cert_file,
@@ -180,7 +194,7 @@ async def serve(settings: Settings, core: TeacherCore | None = None) -> None:
         "https" if settings.tls_cert_file else "http",
         settings.host,
         http_port,
-        "; bearer token required" if token else "",
+        _auth_summary(credentials),
     )
 
     core.start_background_training()  # the default sequence teacher, if asked: not before ready

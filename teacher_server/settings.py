@@ -116,10 +116,52 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM, how long in-flight requests get to finish"
     )
+    fair_queuing: bool = Field(
+        True,
+        description="share forwards between clients by deficit round-robin over rows (tokens "
+        "for sequence models), so a light client is not stuck behind a heavy one's backlog; "
+        "false: first come, first served",
+    )
+    client_max_queued_rows: int = Field(
+        131072,
+        ge=0,
+        description="most rows one client may have waiting for a forward per model version "
+        "(a tokens file entry may set its own); beyond it that client gets RESOURCE_EXHAUSTED "
+        "/ 429 with Retry-After; 0: no cap. The default holds one stream at "
+        "stream_max_in_flight batches of max_batch_size",
+    )
+    anonymous_client_key: Literal["connection", "host"] = Field(
+        "connection",
+        description="how clients without a token are told apart for fair queuing and metrics: "
+        "connection (peer address and port: a gRPC channel, an HTTP connection) or host "
+        "(peer address only: everything from one machine is one client)",
+    )
+    metrics_max_clients: int = Field(
+        16,
+        ge=0,
+        description="clients without a named token that get their own label in the per-client "
+        "metrics; later ones are counted under client='other'",
+    )
     auth_token: SecretStr | None = Field(
-        None, description="if set, every request needs 'authorization: Bearer <token>'"
+        None,
+        description="a student credential (scope infer): once any student credential is set, "
+        "every request needs 'authorization: Bearer <token>'. It cannot reload: that takes "
+        "an operator credential",
     )
     auth_token_file: Path | None = Field(None, description="read the auth token from this file")
+    operator_token: SecretStr | None = Field(
+        None,
+        description="an operator credential (scopes infer and admin): the admin reload is off "
+        "unless one is configured (here or in auth_tokens_file)",
+    )
+    operator_token_file: Path | None = Field(
+        None, description="read the operator token from this file"
+    )
+    auth_tokens_file: Path | None = Field(
+        None,
+        description="TOML file of named credentials with scopes (infer, admin), weights and "
+        "queued-row caps (docs/operations.md, Roles); read at start",
+    )
     tls_cert_file: Path | None = Field(
         None, description="PEM certificate: serve gRPC and HTTP over TLS"
     )
@@ -146,9 +188,14 @@ class Settings(BaseSettings):
         return self
 
     def token(self) -> str | None:
-        """The bearer token required of clients, or None (no authentication)."""
+        """The single student token (`auth_token` / `auth_token_file`), or None."""
         secret = self.auth_token.get_secret_value() if self.auth_token else None
         return load_token(secret, self.auth_token_file)
+
+    def operator(self) -> str | None:
+        """The single operator token (`operator_token` / `operator_token_file`), or None."""
+        secret = self.operator_token.get_secret_value() if self.operator_token else None
+        return load_token(secret, self.operator_token_file)
 
     def apply_torch_settings(self) -> None:
         """Process-wide torch switches this teacher needs; called once when the server starts.

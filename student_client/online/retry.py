@@ -3,8 +3,8 @@
 Retried: `Unavailable` (teacher down, connection reset, stream broken), `ResourceExhausted` from an
 overloaded queue, and `DeadlineExceeded` (every soft-target request is idempotent: asking twice
 gives the same answer). Never retried: `InvalidArgument`, `NotFound`, `FailedPrecondition`,
-`Unauthenticated`, `Internal`, and a message too large for the server (`ResourceExhausted` with
-field `body`), which no retry can fix.
+`Unauthenticated`, `PermissionDenied`, `Internal`, and a message too large for the server
+(`ResourceExhausted` with field `body`), which no retry can fix.
 """
 
 from __future__ import annotations

@@ -103,6 +103,23 @@ def scan_repository(root: Path) -> dict[str, list[VersionFolder]]:
     return models
 
 
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(folders: list[VersionFolder]) -> Fingerprint:
+    """(path, size, mtime_ns) of every file directly in the model's version folders, sorted: a
+    cheap stand-in for the content, read without opening a file. Any write, rename or
+    replacement of a file changes it (its mtime); it is what lets a reload of unchanged files
+    skip re-reading and re-hashing them, and what repository polling watches."""
+    entries = []
+    for folder in folders:
+        for path in folder.path.iterdir():
+            if path.is_file():
+                stat = path.stat()
+                entries.append((str(path), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
 def import_architecture(path: str, allowed_prefixes: tuple[str, ...]) -> type[nn.Module]:
     module_name, _, class_name = path.partition(":")
     if not any(module_name == p.rstrip(".") or module_name.startswith(p) for p in allowed_prefixes):

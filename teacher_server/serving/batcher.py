@@ -1,12 +1,18 @@
 """The dynamic batcher: merges requests from every client and transport into one forward.
 
-Requests wait in a bounded asyncio queue. The batcher's task takes the first waiting request, then
-keeps taking more until the merged batch would pass `max_batch_size` samples (or, for a sequence
-model, `max_batch_tokens` real tokens: a single larger request runs alone) or
-`max_queue_delay_ms` has passed, and runs the engine on one worker thread, so the event loop never
-blocks on a forward. Each request keeps its own tasks, temperature, output kind, top-k and dtype;
-results go back to each caller's future. Requests whose caller has gone (cancelled future) are
-dropped before the forward.
+Requests wait in a bounded queue (`teacher_server.serving.fair_queue`): by default one line per
+client served in turn by deficit round-robin, by rows (real tokens for a sequence model), so each
+forward takes work from every waiting client and a light client is not stuck behind a heavy
+one's backlog; `fair=False` keeps one line, first come, first served. The batcher's task takes
+the next waiting request, then keeps taking more until the merged batch would pass
+`max_batch_size` samples (or, for a sequence model, `max_batch_tokens` real tokens: a single
+larger request runs alone) or `max_queue_delay_ms` has passed, and runs the engine on one worker
+thread, so the event loop never blocks on a forward. Each request keeps its own tasks,
+temperature, output kind, top-k and dtype; results go back to each caller's future. Requests whose
+caller has gone (cancelled future) are dropped before the forward.
+
+Limits: `max_queue_size` requests in all, and per client `max_queued_rows` rows waiting (the
+client's own cap, else the batcher's): beyond either, `ResourceExhausted` for that request only.
 
 Thread-safety: `submit` must be called from the event loop that `start` ran on.
 """
@@ -22,7 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from protocol.errors import DeadlineExceeded, Internal, ResourceExhausted, Unavailable
+from teacher_server.serving.clients import Client, current_client
 from teacher_server.serving.engine import Engine
+from teacher_server.serving.fair_queue import FairQueue
 from teacher_server.serving.schema import SoftTargets, ValidatedRequest
 from teacher_server.serving.sequence_engine import SequenceEngine
 
@@ -33,6 +41,11 @@ log = logging.getLogger(__name__)
 class _Pending:
     request: ValidatedRequest
     future: asyncio.Future[SoftTargets]
+    client: Client
+    queued_at: float  # time.perf_counter() when queued
+
+
+OnServed = Callable[[str, int, float], None]  # (client name, rows, seconds waited)
 
 
 class DynamicBatcher:
@@ -44,16 +57,30 @@ class DynamicBatcher:
         max_queue_size: int,
         on_forward: Callable[[int, int, float], None] | None = None,
         max_batch_tokens: int = 0,
+        fair: bool = True,
+        max_queued_rows: int = 0,
+        on_served: OnServed | None = None,
+        on_refused: Callable[[str], None] | None = None,
     ) -> None:
         """`on_forward(requests, samples, seconds)` is called after each forward (metrics).
         `max_batch_tokens`: most `ValidatedRequest.tokens` merged into one forward (0: no
-        budget; for sequence models)."""
+        budget; for sequence models). `fair`: deficit round-robin across clients (else FIFO).
+        `max_queued_rows`: a client's cap on rows waiting, unless its `Client` names its own
+        (0: none). `on_served(client, rows, seconds waited)` is called per request as its
+        forward starts; `on_refused(client)` when a client's request passes its cap."""
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_queue_delay = max_queue_delay_ms / 1000.0
-        self._queue: asyncio.Queue[_Pending] = asyncio.Queue(maxsize=max_queue_size)
-        self._carry: _Pending | None = None
+        self.max_queue_size = max_queue_size
+        self.max_queued_rows = max_queued_rows
+        # A turn earns 1/16 of a forward's budget: 16 clients fill a forward in one round.
+        quantum = max(1, (max_batch_tokens or max_batch_size) // 16)
+        self._quantum = quantum
+        self._queue: FairQueue[_Pending] = FairQueue(quantum, fair)
+        self._arrived = asyncio.Event()
+        self._on_served = on_served
+        self._on_refused = on_refused
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
         self._task: asyncio.Task[None] | None = None
         self._on_forward = on_forward
@@ -72,10 +99,7 @@ class DynamicBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        pending = [self._carry] if self._carry else []
-        while not self._queue.empty():
-            pending.append(self._queue.get_nowait())
-        for item in pending:
+        for item in self._queue.items():
             if not item.future.done():
                 item.future.set_exception(Unavailable("server is shutting down"))
         self._executor.shutdown(wait=True)
@@ -90,26 +114,48 @@ class DynamicBatcher:
 
     @property
     def queue_depth(self) -> int:
-        return self._queue.qsize() + (1 if self._carry else 0)
+        return len(self._queue)
 
-    async def submit(self, request: ValidatedRequest, timeout: float) -> SoftTargets:
-        """Queue a request and wait up to `timeout` seconds for its soft targets. Raises
-        `ResourceExhausted` at once when the queue is full, `DeadlineExceeded` after `timeout`
-        (the request is then dropped from the queue, or its result discarded if already running)."""
+    def queued_rows_by_client(self) -> dict[str, int]:
+        """Client name -> rows waiting for a forward (clients with none left out)."""
+        return self._queue.queued_rows_by_client()
+
+    async def submit(
+        self, request: ValidatedRequest, timeout: float, client: Client | None = None
+    ) -> SoftTargets:
+        """Queue a request for `client` (default: the current call's, `current_client()`) and
+        wait up to `timeout` seconds for its soft targets. Raises `ResourceExhausted` at once
+        when the queue is full or the client is over its cap of queued rows,
+        `DeadlineExceeded` after `timeout` (the request is then dropped from the queue, or its
+        result discarded if already running)."""
         if self._task is None or self._task.done() or not self._accepting:
             raise Unavailable(
                 f"model {self.engine.config.name!r} version {self.engine.loaded.version[:19]} is "
                 "not accepting requests (unloading or stopped); retry"
             )
-        future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Pending(request, future))
-        except asyncio.QueueFull:
+        client = current_client() if client is None else client
+        if len(self._queue) >= self.max_queue_size:
             raise ResourceExhausted(
-                f"queue: {self._queue.maxsize} requests already waiting for model "
+                f"queue: {self.max_queue_size} requests already waiting for model "
                 f"{self.engine.config.name!r}; retry with backoff",
                 "queue",
-            ) from None
+            )
+        rows = request.batch_size
+        cap = self.max_queued_rows if client.max_queued_rows is None else client.max_queued_rows
+        queued = self._queue.queued_rows(client.name)
+        if cap and queued and queued + rows > cap:  # one request alone always fits
+            if self._on_refused is not None:
+                self._on_refused(client.name)
+            raise ResourceExhausted(
+                f"queue: client {client.name!r} already has {queued} rows waiting for model "
+                f"{self.engine.config.name!r} (its cap: {cap} rows queued); retry when its "
+                "answers arrive",
+                "queue",
+            )
+        future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
+        pending = _Pending(request, future, client, time.perf_counter())
+        self._queue.put(client.name, client.weight, rows, request.tokens, pending)
+        self._arrived.set()
         try:
             return await asyncio.wait_for(future, timeout)  # cancels `future` on timeout
         except TimeoutError:
@@ -118,38 +164,60 @@ class DynamicBatcher:
                 "deadline",
             ) from None
 
+    async def _wait_for_arrival(self, timeout: float | None) -> bool:
+        """Wait until a request is queued (or `timeout` seconds pass: False)."""
+        self._arrived.clear()
+        if len(self._queue):
+            return True
+        try:
+            await asyncio.wait_for(self._arrived.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
     async def _next_batch(self) -> list[_Pending]:
-        first = self._carry or await self._queue.get()
+        while not len(self._queue):
+            await self._wait_for_arrival(None)
         self._busy = True  # holding requests from here until their results are set
-        self._carry = None
+        # A client that was idle (a light or interactive one) is served first, and its forward is
+        # short: the new round's requests, topped up to one quantum of cost (rows, or tokens for
+        # a sequence model: `tokens` counts rows for the others), so its
+        # answer comes after this short forward instead of a full one. The top-up keeps the
+        # backlogged clients moving even if new clients keep every forward short. With no
+        # backlog there is nothing to jump: the forward fills as usual.
+        short = self._queue.serving_new and self._queue.backlogged
+        first = self._queue.pop()
         batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
         budget = self.max_batch_tokens or None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_queue_delay
-        if self._queue.empty() and self._lone:
+        if not len(self._queue) and self._lone:
             # The last forward held a single request too: no one to wait for, answer at once.
             # Under concurrency requests queue during each forward and merge without waiting.
             deadline = loop.time()
         while samples < self.max_batch_size and (budget is None or tokens < budget):
-            try:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    item = await asyncio.wait_for(self._queue.get(), remaining)
-                else:
-                    item = self._queue.get_nowait()
-            except TimeoutError:
+            if not len(self._queue):
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not await self._wait_for_arrival(remaining):
+                    break
+                continue
+            if short and tokens >= self._quantum and not self._queue.serving_new:
                 break
+            item = self._queue.peek()
             if samples + item.request.batch_size > self.max_batch_size or (
                 budget is not None and tokens + item.request.tokens > budget
             ):
-                self._carry = item  # first of the next forward: order is kept
-                break
+                break  # stays first in line: the first of the next forward
+            self._queue.pop()
             batch.append(item)
             samples += item.request.batch_size
             tokens += item.request.tokens
-        return [item for item in batch if not item.future.done()]  # drop callers that left
+        kept = [item for item in batch if not item.future.done()]  # drop callers that left
+        if self._on_served is not None:
+            now = time.perf_counter()
+            for item in kept:
+                self._on_served(item.client.name, item.request.batch_size, now - item.queued_at)
+        return kept
 
     async def _run(self) -> None:
         while True:

@@ -31,8 +31,10 @@ from teacher_server.repository.default_sequence_teacher import DEFAULT_SEQUENCE_
 from teacher_server.repository.default_teacher import ensure_default_teacher
 from teacher_server.repository.model_config import ModelLoadError, file_sha256
 from teacher_server.repository.store import (
+    Fingerprint,
     LoadedModel,
     VersionFolder,
+    fingerprint,
     load_version,
     read_config,
     scan_repository,
@@ -150,12 +152,14 @@ class TeacherCore:
         self.failures: dict[str, str] = {}  # model name -> why its folder is not served
         self.ready = False
         self._started = False
-        self._reload_lock = asyncio.Lock()
+        self._reload_lock = asyncio.Lock()  # one reload at a time (of any model)
+        self._fingerprints: dict[str, Fingerprint] = {}  # model -> its files when last loaded
         self._poll_task: asyncio.Task[None] | None = None
         self._training_task: asyncio.Task[None] | None = None  # the default sequence teacher
         self._draining: set[asyncio.Task[None]] = set()  # old versions finishing after a reload
-        self.metrics = Metrics()
+        self.metrics = Metrics(settings.metrics_max_clients)
         self.metrics.watch_queues(self._queue_depths)
+        self.metrics.watch_client_queues(self._queued_rows)
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -192,6 +196,12 @@ class TeacherCore:
                 name, requests, samples, seconds
             ),
             max_batch_tokens=self.settings.max_batch_tokens if sequence else 0,
+            fair=self.settings.fair_queuing,
+            max_queued_rows=self.settings.client_max_queued_rows,
+            on_served=lambda client, rows, waited: metrics.observe_served(
+                name, client, rows, waited
+            ),
+            on_refused=lambda client: metrics.observe_refused(name, client),
         )
         metrics.model_loads.labels(name, "ok").inc()
         info = model_info(
@@ -263,6 +273,7 @@ class TeacherCore:
 
     def _install_loaded(self, name: str, folders: list[VersionFolder]) -> None:
         try:
+            seen = fingerprint(folders)  # before reading: a change while loading reloads later
             versions = self._load_model(name, folders)
         except Exception as error:  # a user architecture may raise anything: report, keep serving
             self.failures[name] = str(error)
@@ -270,6 +281,7 @@ class TeacherCore:
             log.error("model %s not served: %s", name, error)
             return
         self.models[name] = ServedModel(versions, default=next(reversed(versions)))
+        self._fingerprints[name] = seen
         self.failures.pop(name, None)
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -340,8 +352,23 @@ class TeacherCore:
     async def reload(self, name: str) -> ReloadResult:
         """Re-read model `name`'s folder: load new versions, drain and unload removed ones.
         Ensembles that use `name` are reloaded after it. Raises `NotFound` if the repository has
-        no such folder, `FailedPrecondition` if it fails to load (the old versions keep serving)."""
+        no such folder, `FailedPrecondition` if it fails to load (the old versions keep serving).
+
+        One reload runs at a time; callers wait their turn. A reload whose model folder has the
+        same files (paths, sizes, mtimes) as when the served versions were last loaded answers
+        at once with the served versions and nothing loaded or unloaded, without re-reading or
+        re-hashing a byte: a loop of reloads costs a directory listing each."""
         async with self._reload_lock:
+            folders = scan_repository(self.settings.model_repository).get(name)
+            if (
+                folders is not None
+                and name in self.models
+                and self._fingerprints.get(name) == await asyncio.to_thread(fingerprint, folders)
+            ):
+                self.metrics.model_reloads.labels(name, "unchanged").inc()
+                self.failures.pop(name, None)  # the files are back to what is served
+                log.debug("reload of %s: files unchanged since the last load, nothing to do", name)
+                return ReloadResult(name, tuple(self._summaries(name)), (), ())
             try:
                 result = await self._reload_one(name)
             except TeacherError:
@@ -360,7 +387,9 @@ class TeacherCore:
         folders = scan_repository(self.settings.model_repository).get(name)
         if folders is None:
             raise NotFound(f"model: the repository has no folder {name!r} (to reload)", "model")
+        log.info("reload of %s: started", name)
         try:
+            seen = await asyncio.to_thread(fingerprint, folders)
             versions = await asyncio.to_thread(self._load_model, name, folders)
         except Exception as error:  # a user architecture may raise anything: report, keep serving
             self.failures[name] = str(error)
@@ -376,6 +405,7 @@ class TeacherCore:
                 versions[version].batcher.start()
         # The swap is one assignment: a request resolves its version before any await.
         self.models[name] = ServedModel(versions, default=next(reversed(versions)))
+        self._fingerprints[name] = seen
         self.failures.pop(name, None)
         for version in removed:
             task = asyncio.create_task(old[version].batcher.drain(), name=f"drain {version[:19]}")
@@ -386,11 +416,10 @@ class TeacherCore:
 
     def _signature(self) -> dict[str, tuple[tuple[str, int, int], ...]]:
         """A cheap fingerprint of the repository (paths, sizes, mtimes) for polling."""
-        signature = {}
-        for name, folders in scan_repository(self.settings.model_repository).items():
-            files = sorted(p for folder in folders for p in folder.path.iterdir() if p.is_file())
-            signature[name] = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-        return signature
+        return {
+            name: fingerprint(folders)
+            for name, folders in scan_repository(self.settings.model_repository).items()
+        }
 
     async def _poll(self) -> None:
         seen = await asyncio.to_thread(self._signature)
@@ -412,6 +441,16 @@ class TeacherCore:
             name: sum(v.batcher.queue_depth for v in served.versions.values())
             for name, served in self.models.items()
         }
+
+    def _queued_rows(self) -> dict[str, dict[str, int]]:
+        """Model -> client -> rows waiting, over every served version (metrics)."""
+        queued: dict[str, dict[str, int]] = {}
+        for name, served in self.models.items():
+            totals = queued.setdefault(name, {})
+            for version in served.versions.values():
+                for client, rows in version.batcher.queued_rows_by_client().items():
+                    totals[client] = totals.get(client, 0) + rows
+        return queued
 
     def _summaries(self, name: str) -> list[VersionSummary]:
         served = self.models.get(name)

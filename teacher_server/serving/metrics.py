@@ -2,7 +2,9 @@
 
 Operations: requests by transport, model and status; soft targets returned per task; queue depth;
 requests and samples per forward; forward and end-to-end latency; bytes in and out; model loads
-and reloads. Distillation telemetry no inference server has: per task, histograms of the teacher's
+and reloads. Per client (see `teacher_server.serving.clients`): rows queued, rows served and the
+wait before the forward, and requests refused at the client's cap, labelled by client name with
+the label set bounded (`ClientLabels`). Distillation telemetry no inference server has: per task, histograms of the teacher's
 entropy (nats) at the requested temperature and of its top-1 probability, one observation per
 sample, so an operator sees what the students are being taught.
 
@@ -12,7 +14,7 @@ Each `Metrics` has its own registry (no process-global state), so tests can star
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -78,9 +80,64 @@ class _QueueDepth(Collector):
         yield family
 
 
+OTHER_CLIENTS = "other"
+
+
+class ClientLabels:
+    """Client name -> its metrics label, with a bounded label set: clients named in the tokens
+    file keep their names (the operator controls how many there are); of the others (peer
+    addresses), the first `limit` seen keep theirs and every later one is counted as `other`.
+    Thread-safe."""
+
+    def __init__(self, limit: int, named: Iterable[str] = ()) -> None:
+        self.limit = limit
+        self._named = set(named)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def name(self, clients: Iterable[str]) -> None:
+        """Give these clients their own label whatever the limit (the tokens file's names)."""
+        with self._lock:
+            self._named.update(clients)
+
+    def __call__(self, client: str) -> str:
+        if client in self._named or client in self._seen:
+            return client
+        with self._lock:
+            if len(self._seen) < self.limit:
+                self._seen.add(client)
+                return client
+        return OTHER_CLIENTS
+
+
+class _ClientQueuedRows(Collector):
+    def __init__(
+        self, queued: Callable[[], dict[str, dict[str, int]]], labels: ClientLabels
+    ) -> None:
+        self._queued, self._labels = queued, labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "teacher_client_queued_rows",
+            "Rows waiting for a forward, per model and client.",
+            labels=["model", "client"],
+        )
+        for model, clients in sorted(self._queued().items()):
+            totals: dict[str, int] = {}
+            for client, rows in clients.items():
+                label = self._labels(client)
+                totals[label] = totals.get(label, 0) + rows
+            for label, rows in sorted(totals.items()):
+                family.add_metric([model, label], rows)
+        yield family
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, max_client_labels: int = 16, named_clients: Iterable[str] = ()) -> None:
+        """`max_client_labels`: anonymous clients with their own label (see `ClientLabels`);
+        `named_clients`: the tokens file's client names, always labelled."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.client_labels = ClientLabels(max_client_labels, named_clients)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -153,11 +210,42 @@ class Metrics:
             ["model", "task"],
             CONFIDENCE_BUCKETS,
         )
+        self.client_served_rows = Counter(
+            "teacher_client_served_rows",
+            "Rows taken into a forward, per model and client.",
+            ["model", "client"],
+            registry=r,
+        )
+        self.client_wait_seconds = Histogram(
+            "teacher_client_wait_seconds",
+            "Time a request waited in the queue before its forward, per model and client.",
+            ["model", "client"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.client_refused = Counter(
+            "teacher_client_refused",
+            "Requests refused because the client was over its cap of queued rows.",
+            ["model", "client"],
+            registry=r,
+        )
         r.register(self.entropy)
         r.register(self.confidence)
 
     def watch_queues(self, depths: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_QueueDepth(depths))
+
+    def watch_client_queues(self, queued: Callable[[], dict[str, dict[str, int]]]) -> None:
+        """`queued()`: model -> client name -> rows waiting, read at each scrape."""
+        self.registry.register(_ClientQueuedRows(queued, self.client_labels))
+
+    def observe_served(self, model: str, client: str, rows: int, waited: float) -> None:
+        label = self.client_labels(client)
+        self._child(self.client_served_rows, model, label).inc(rows)
+        self._child(self.client_wait_seconds, model, label).observe(waited)
+
+    def observe_refused(self, model: str, client: str) -> None:
+        self._child(self.client_refused, model, self.client_labels(client)).inc()
 
     def observe_forward(self, model: str, requests: int, samples: int, seconds: float) -> None:
         self.batch_requests.labels(model).observe(requests)

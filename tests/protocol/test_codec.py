@@ -22,6 +22,7 @@ from protocol.errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
     ResourceExhausted,
     TeacherError,
     Unauthenticated,
@@ -240,6 +241,7 @@ DOCUMENTED = {
     "UNAVAILABLE": (Unavailable, grpc.StatusCode.UNAVAILABLE, 503, True),
     "DEADLINE_EXCEEDED": (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED, 504, True),
     "UNAUTHENTICATED": (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED, 401, False),
+    "PERMISSION_DENIED": (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, 403, False),
     "INTERNAL": (Internal, grpc.StatusCode.INTERNAL, 500, False),
 }
 

@@ -1,7 +1,7 @@
 """Security: bearer-token authentication, TLS, and requests that try to make the server touch the
 file system or run code.
 
-- `--auth-token secret`: without the token, or with a wrong one, every call gets UNAUTHENTICATED
+- `--auth-token secret` (and `--operator-token` for the reloads): without the token, or with a wrong one, every call gets UNAUTHENTICATED
   (gRPC, with `error-code`/`error-field` metadata) / 401 with the standard error body and
   `WWW-Authenticate: Bearer` (HTTP); health checks work without it; `TeacherClient(token=...)`
   works over gRPC, HTTP and HTTP-JSON, and so does `SoftTargetLoader`.
@@ -48,6 +48,7 @@ from tests.reliability.conftest import (
 )
 
 TOKEN = "secret"
+OPERATOR = "operator-secret"  # the admin reload needs an operator credential
 FILE_TOKEN = "token-from-a-file"
 TIMEOUT = 30.0
 GOOD = np.full((2, 1, 28, 28), 0.25, dtype=np.float32)
@@ -148,7 +149,7 @@ def servers(
     token_file = tmp_path_factory.mktemp("token") / "token"
     token_file.write_text(FILE_TOKEN + "\n")  # stripped when read
     token_file.chmod(0o600)
-    plain = module_launcher.launch("--auth-token", TOKEN)
+    plain = module_launcher.launch("--auth-token", TOKEN, "--operator-token", OPERATOR)
     tls = module_launcher.launch(
         "--auth-token-file",
         str(token_file),
@@ -371,6 +372,7 @@ def test_path_like_model_names_are_not_found(
 ) -> None:
     auth = (("authorization", f"Bearer {TOKEN}"),)
     headers = {"authorization": f"Bearer {TOKEN}"}
+    admin = (("authorization", f"Bearer {OPERATOR}"),)
     before = stub.GetSoftTargets(good_request(), timeout=TIMEOUT, metadata=auth)
     for model in PATH_LIKE_MODELS:
         for call in (
@@ -382,7 +384,7 @@ def test_path_like_model_names_are_not_found(
             ),
             # The admin reload looks the name up among the repository's folder names.
             lambda m=model: stub.ReloadModel(
-                pb.ReloadModelRequest(model=m), timeout=TIMEOUT, metadata=auth
+                pb.ReloadModelRequest(model=m), timeout=TIMEOUT, metadata=admin
             ),
         ):
             with pytest.raises(grpc.RpcError) as info:
@@ -398,7 +400,7 @@ def test_path_like_model_names_are_not_found(
                 json={"inputs": GOOD.tolist()},
                 headers=headers,
             ),
-            http.post(f"/v1/models/{quoted}/reload", headers=headers),
+            http.post(f"/v1/models/{quoted}/reload", headers=dict(admin)),
         ):
             assert response.status_code == 404, (model, response.text)
             assert response.json()["error"]["code"] == "NOT_FOUND"

@@ -33,6 +33,7 @@ from teacher_server.repository.store import LoadedModel, load_model
 from tests.conftest import grpc_channel, http_client, start_teacher
 
 TIMEOUT = 30.0
+OPERATOR = "operator-token"  # the reload below is an admin call
 CNN = "teacher_server.models.multitask_cnn:MultiTaskCNN"
 CNN_TASKS = {"digit": [str(d) for d in range(10)], "parity": ["even", "odd"]}
 CNN_KWARGS: dict[str, Any] = {"channels": [4, 8], "feature_dim": 16}
@@ -108,7 +109,7 @@ def served(default_repository: Path, tmp_path_factory: pytest.TempPathFactory) -
         repository / DEFAULT_MODEL_NAME, torch.device("cpu"), ("teacher_server.models.",)
     )
     with (
-        start_teacher(repository, root / "server") as teacher,
+        start_teacher(repository, root / "server", "--operator-token", OPERATOR) as teacher,
         grpc_channel(teacher.grpc_address) as channel,
         http_client(teacher.http_url) as http,
     ):
@@ -220,7 +221,11 @@ def test_ensemble_version_follows_a_reloaded_member(served: Served) -> None:
     new_a = package_cnn(served.repository / "a", replacement, overwrite=True)
     assert new_a != before["a"]
 
-    reply = stub.ReloadModel(pb.ReloadModelRequest(model="a"), timeout=TIMEOUT)
+    reply = stub.ReloadModel(
+        pb.ReloadModelRequest(model="a"),
+        timeout=TIMEOUT,
+        metadata=(("authorization", f"Bearer {OPERATOR}"),),
+    )
     assert list(reply.loaded) == [new_a] and list(reply.unloaded) == [before["a"]]
     after = served_versions(stub)
     assert after["a"] == new_a and after["b"] == before["b"]

@@ -35,6 +35,8 @@ TASKS = {"digit": [str(d) for d in range(10)], "parity": ["even", "odd"]}
 KWARGS = {"channels": [4, 8], "feature_dim": 16}
 WAIT_S = 30.0  # the most any phase may take
 MAX_REQUESTS = 5000  # per client thread (far more than the test needs: a bound, not a target)
+OPERATOR = "operator-token"  # reload is an admin call: it needs an operator credential
+ADMIN = (("authorization", f"Bearer {OPERATOR}"),)
 BATCHES = [np.random.default_rng(i).random((3, 1, 28, 28), dtype=np.float32) for i in range(4)]
 
 Probs = dict[str, np.ndarray]
@@ -219,7 +221,7 @@ def test_reload_under_load_adds_and_removes_versions(tmp_path: Path) -> None:
         shutil.copytree(staging / MODEL / label, repository / MODEL / label)
 
     with (
-        start_teacher(repository, tmp_path / "server") as teacher,
+        start_teacher(repository, tmp_path / "server", "--operator-token", OPERATOR) as teacher,
         grpc_channel(teacher.grpc_address) as channel,
         http_client(teacher.http_url) as http,
     ):
@@ -259,7 +261,9 @@ def test_reload_under_load_adds_and_removes_versions(tmp_path: Path) -> None:
             # Add version 3 (moved in at once, as `package_model` does), reload over gRPC.
             os.replace(staging / MODEL / "3", repository / MODEL / "3")
             first_reload_started = time.monotonic()
-            reply = stub.ReloadModel(pb.ReloadModelRequest(model=MODEL), timeout=TIMEOUT)
+            reply = stub.ReloadModel(
+                pb.ReloadModelRequest(model=MODEL), timeout=TIMEOUT, metadata=ADMIN
+            )
             first_reload_done = time.monotonic()
             assert reply.model == MODEL
             assert list(reply.loaded) == [v3] and list(reply.unloaded) == []
@@ -272,7 +276,7 @@ def test_reload_under_load_adds_and_removes_versions(tmp_path: Path) -> None:
             # Remove version 1, reload over HTTP: it drains, then unloads.
             os.replace(repository / MODEL / "1", staging / "removed-1")
             second_reload_started = time.monotonic()
-            answer = http.post(f"/v1/models/{MODEL}/reload")
+            answer = http.post(f"/v1/models/{MODEL}/reload", headers=dict(ADMIN))
             second_reload_done = time.monotonic()
             assert answer.status_code == 200, answer.text
             body = answer.json()
