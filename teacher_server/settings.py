@@ -128,6 +128,12 @@ class Settings(BaseSettings):
         None, description="once serving, write {grpc_port, http_port, pid} as JSON to this file"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stage_timing_file: Path | None = Field(
+        None,
+        description="benchmarks: stamp every soft-target request's stages (decode, queue, "
+        "forward, encode...) and write them to this file as JSON lines at shutdown "
+        "(bench/request_cost.py); unset: off, nothing recorded",
+    )
 
     @field_validator("allowed_architectures", mode="before")
     @classmethod

@@ -25,6 +25,7 @@ from protocol.errors import DeadlineExceeded, Internal, ResourceExhausted, Unava
 from teacher_server.serving.engine import Engine
 from teacher_server.serving.schema import SoftTargets, ValidatedRequest
 from teacher_server.serving.sequence_engine import SequenceEngine
+from teacher_server.serving.stage_timing import Stamps, current
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 class _Pending:
     request: ValidatedRequest
     future: asyncio.Future[SoftTargets]
+    stamps: Stamps | None = None  # stage timing (bench/request_cost.py); None when off
 
 
 class DynamicBatcher:
@@ -103,7 +105,7 @@ class DynamicBatcher:
             )
         future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
         try:
-            self._queue.put_nowait(_Pending(request, future))
+            self._queue.put_nowait(_Pending(request, future, current()))
         except asyncio.QueueFull:
             raise ResourceExhausted(
                 f"queue: {self._queue.maxsize} requests already waiting for model "
@@ -122,6 +124,8 @@ class DynamicBatcher:
         first = self._carry or await self._queue.get()
         self._busy = True  # holding requests from here until their results are set
         self._carry = None
+        if first.stamps is not None:
+            first.stamps.mark("dequeued")
         batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
         budget = self.max_batch_tokens or None
         loop = asyncio.get_running_loop()
@@ -146,6 +150,8 @@ class DynamicBatcher:
             ):
                 self._carry = item  # first of the next forward: order is kept
                 break
+            if item.stamps is not None:
+                item.stamps.mark("dequeued")
             batch.append(item)
             samples += item.request.batch_size
             tokens += item.request.tokens
@@ -163,9 +169,12 @@ class DynamicBatcher:
     async def _forward(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        stamps = [item.stamps for item in batch if item.stamps is not None]
+        for each in stamps:
+            each.mark("dispatched")
         try:
             results = await loop.run_in_executor(
-                self._executor, self.engine.run, [item.request for item in batch]
+                self._executor, self._run_engine, [item.request for item in batch], stamps
             )
         except Exception as error:  # a failed forward fails its requests, not the server
             log.exception("forward failed for %d requests", len(batch))
@@ -173,12 +182,39 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(Internal(f"forward failed: {error!r}"))
             return
+        for each in stamps:
+            each.mark("resumed")
         self.forwards += 1
         self.requests_forwarded += len(batch)
         self._lone = len(batch) == 1
         if self._on_forward is not None:
             samples = sum(item.request.batch_size for item in batch)
             self._on_forward(len(batch), samples, time.perf_counter() - started)
+        for each in stamps:
+            each.mark("handed")
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
+
+    def _run_engine(
+        self, requests: list[ValidatedRequest], stamps: list[Stamps]
+    ) -> list[SoftTargets]:
+        """The forward, on the worker thread; with stage timing on, the engine's marks are copied
+        onto every request's stamps (they shared the forward)."""
+        if not stamps or not isinstance(self.engine, Engine):
+            return self.engine.run(requests)
+        for each in stamps:
+            each.mark("worker")
+        marks: list[tuple[str, int]] = []
+        self.engine.stage_marks = marks
+        try:
+            results = self.engine.run(requests)
+        finally:
+            self.engine.stage_marks = None
+        telemetry = sum(ns for name, ns in marks if name == "telemetry_ns")
+        marks = [(name, ns) for name, ns in marks if name != "telemetry_ns"]
+        for each in stamps:
+            each.marks.extend(marks)
+            each.telemetry_ns += telemetry
+            each.mark("engine_done")
+        return results
