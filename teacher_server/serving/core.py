@@ -195,6 +195,7 @@ class TeacherCore:
                 name, requests, samples, seconds
             ),
             max_batch_tokens=self.settings.max_batch_tokens if sequence else 0,
+            inline_forward_max_ms=self.settings.inline_forward_max_ms,
         )
         metrics.model_loads.labels(name, "ok").inc()
         info = model_info(
