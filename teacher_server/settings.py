@@ -102,7 +102,7 @@ class Settings(BaseSettings):
         description="requests waiting for a forward per model; beyond it RESOURCE_EXHAUSTED",
     )
     inline_forward_max_ms: float = Field(
-        1.0,
+        2.0,
         ge=0,
         description="a lone request (nothing else waiting or running) whose size last ran alone "
         "in at most this many ms is forwarded on the event loop, skipping the queue and the "
