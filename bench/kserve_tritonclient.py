@@ -1,14 +1,18 @@
 """One request at a time with an unmodified `tritonclient`, run as a subprocess in the KServe venv.
 
-    bench/.venv-kserve/bin/python -m bench.kserve_tritonclient --http-address 127.0.0.1:PORT \
-        --grpc-address 127.0.0.1:PORT --model NAME --inputs batch.npy --batch-sizes 1,32,256
+    bench/.venv-kserve/bin/python -m bench.kserve_tritonclient \
+        --server ours=127.0.0.1:HTTP_PORT,127.0.0.1:GRPC_PORT \
+        --server kserve=127.0.0.1:HTTP_PORT,127.0.0.1:GRPC_PORT \
+        --model NAME --inputs batch.npy --batch-sizes 1,32,256 --rounds 2
 
 What a user with a Triton/KServe client does: `tritonclient.grpc` (v2 gRPC), `tritonclient.http`
 with JSON tensors (v2 REST JSON) and with the binary tensor data extension (v2 REST binary), one
 request in flight, each answer decoded to numpy (`as_numpy` of every output). The same script
-measures either server (ours or KServe's ModelServer). Request parameter `temperature` is sent as
-the integer 4 (int64 over gRPC), which both servers read as T = 4. Prints one JSON object:
-{cell: {batch_size: {"latencies_s": [...], "samples": n, "seconds": s}}}.
+measures every `--server` given, cell by cell: for each round, batch size and protocol, each
+server in turn (the order reversed every other round), so a shared machine's drifts hit both
+alike. Request parameter `temperature` is sent as the integer 4 (int64 over gRPC), which both
+servers read as T = 4. Prints one JSON object: [per round {server: {cell: {batch_size:
+{"latencies_s": [...], "samples": n, "seconds": s}}}}].
 
 It runs in the KServe venv because `tritonclient[grpc]` pins protobuf below 7 while the project's
 generated code needs 7; it imports no kserve module (KServe's and tritonclient's `inference.*`
@@ -101,32 +105,50 @@ def time_sequential(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--http-address", required=True, help="host:port")
-    parser.add_argument("--grpc-address", required=True, help="host:port")
+    parser.add_argument(
+        "--server",
+        action="append",
+        required=True,
+        help="NAME=HTTP_HOST:PORT,GRPC_HOST:PORT (repeat: measured in turn, cell by cell)",
+    )
     parser.add_argument("--model", required=True)
     parser.add_argument("--inputs", required=True, help=".npy of samples (n, *input_shape)")
     parser.add_argument("--batch-sizes", default="1,32,256")
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--duration", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--max-calls", type=int, default=20_000)
     args = parser.parse_args()
     samples = np.load(args.inputs).astype(np.float32)
-    grpc_client = triton_grpc.InferenceServerClient(args.grpc_address)
-    http_client = triton_http.InferenceServerClient(args.http_address)
-    cells = {
-        "v2_grpc": grpc_call(grpc_client, args.model),
-        "v2_rest_json": http_call(http_client, args.model, binary=False),
-        "v2_rest_binary": http_call(http_client, args.model, binary=True),
-    }
-    results: dict[str, dict[int, Any]] = {name: {} for name in cells}
-    for size in (int(s) for s in args.batch_sizes.split(",")):
-        index = np.arange(size * 8) % len(samples)
-        batches = [np.ascontiguousarray(b) for b in np.split(samples[index], 8)]
-        for name, call in cells.items():
-            results[name][size] = time_sequential(call, batches, args)
-    grpc_client.close()
-    http_client.close()
-    print(json.dumps(results))
+    servers: dict[str, dict[str, Callable[[np.ndarray], Any]]] = {}
+    clients: list[Any] = []
+    for spec in args.server:
+        name, _, addresses = spec.partition("=")
+        http_address, grpc_address = addresses.split(",")
+        grpc_client = triton_grpc.InferenceServerClient(grpc_address)
+        http_client = triton_http.InferenceServerClient(http_address)
+        clients += [grpc_client, http_client]
+        servers[name] = {
+            "v2_grpc": grpc_call(grpc_client, args.model),
+            "v2_rest_json": http_call(http_client, args.model, binary=False),
+            "v2_rest_binary": http_call(http_client, args.model, binary=True),
+        }
+    rounds: list[dict[str, dict[str, dict[int, Any]]]] = []
+    for index in range(args.rounds):
+        order = list(servers) if index % 2 == 0 else list(reversed(servers))
+        results: dict[str, dict[str, dict[int, Any]]] = {
+            name: {cell: {} for cell in cells} for name, cells in servers.items()
+        }
+        for size in (int(s) for s in args.batch_sizes.split(",")):
+            index_rows = np.arange(size * 8) % len(samples)
+            batches = [np.ascontiguousarray(b) for b in np.split(samples[index_rows], 8)]
+            for cell in ("v2_grpc", "v2_rest_json", "v2_rest_binary"):
+                for name in order:
+                    results[name][cell][size] = time_sequential(servers[name][cell], batches, args)
+        rounds.append(results)
+    for client in clients:
+        client.close()
+    print(json.dumps(rounds))
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ e. With `--kserve`: the same teacher, and the issue's light teacher (MLP 64-512-
 f. With `--kserve` (or alone with `--tritonclient-only`): one request at a time with an unmodified
    `tritonclient` (v2 gRPC, v2 REST JSON, v2 REST binary; batch 1, 32, 256), run from the KServe
    venv (`bench/kserve_tritonclient.py`), against our server and KServe, both serving the light
-   teacher at once with torch at one thread, in `--triton-rounds` rounds (ours, then KServe);
-   plus our own v1 unary (TeacherClient) at the same batch sizes.
+   teacher at once with torch at one thread, cell by cell in turn (each batch size and protocol:
+   ours then KServe, reversed every other round), `--triton-rounds` rounds; plus our own v1
+   unary (TeacherClient) at the same batch sizes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -55,6 +57,7 @@ import torch
 from bench.common import (
     DEFAULT_MODEL,
     DEFAULT_REPOSITORY,
+    REPO_ROOT,
     Budget,
     Measurement,
     cycled_batches,
@@ -832,29 +835,34 @@ ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def tritonclient_measurements(
-    python: Path, http_url: str, grpc_address: str, samples: np.ndarray, budget: Budget
-) -> dict[str, dict[int, Measurement]]:
-    """bench/kserve_tritonclient.py (in the KServe venv) against one server, every cell."""
+    python: Path,
+    servers: dict[str, tuple[str, str]],
+    samples: np.ndarray,
+    budget: Budget,
+    rounds: int,
+) -> list[dict[str, Cells]]:
+    """bench/kserve_tritonclient.py (in the KServe venv) against every server in `servers`
+    (name -> (http_url, grpc_address)), cell by cell in turn, `rounds` times; per round
+    {server: cells}."""
     from bench.light_teacher import LIGHT_MODEL_NAME
 
+    command = [str(python), "-m", "bench.kserve_tritonclient"]
+    for name, (http_url, grpc_address) in servers.items():
+        command += ["--server", f"{name}={http_url.removeprefix('http://')},{grpc_address}"]
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as folder:
         inputs = Path(folder) / "inputs.npy"
         np.save(inputs, samples)
-        raw = run_subprocess_json(
+        completed = subprocess.run(
             [
-                str(python),
-                "-m",
-                "bench.kserve_tritonclient",
-                "--http-address",
-                http_url.removeprefix("http://"),
-                "--grpc-address",
-                grpc_address,
+                *command,
                 "--model",
                 LIGHT_MODEL_NAME,
                 "--inputs",
                 str(inputs),
                 "--batch-sizes",
                 ",".join(str(size) for size in BATCH_SIZES),
+                "--rounds",
+                str(rounds),
                 "--duration",
                 str(budget.duration_s),
                 "--warmup",
@@ -862,24 +870,35 @@ def tritonclient_measurements(
                 "--max-calls",
                 str(budget.max_calls),
             ],
-            timeout=300 + 40 * budget.duration_s,
+            capture_output=True,
+            text=True,
+            timeout=300 + 80 * rounds * budget.duration_s,
+            cwd=REPO_ROOT,
         )
-    results: dict[str, dict[int, Measurement]] = {}
-    for cell, by_size in raw.items():
-        for size, data in by_size.items():
-            m = Measurement(TRITON_CELLS[cell], int(size), seconds=float(data["seconds"]))
-            m.latencies_s = [float(x) for x in data["latencies_s"]]
-            m.requests = len(m.latencies_s)
-            m.samples = int(data["samples"])
-            m.note = "1 in flight"
-            results.setdefault(cell, {})[int(size)] = m
+    if completed.returncode != 0:
+        raise RuntimeError(f"kserve_tritonclient exited {completed.returncode}:\n"
+                           f"{completed.stderr[-3000:]}")  # fmt: skip
+    raw = json.loads([line for line in completed.stdout.splitlines() if line.strip()][-1])
+    results: list[dict[str, Cells]] = []
+    for by_server in raw:
+        round_cells: dict[str, Cells] = {}
+        for server, cells in by_server.items():
+            for cell, by_size in cells.items():
+                for size, data in by_size.items():
+                    m = Measurement(TRITON_CELLS[cell], int(size), seconds=float(data["seconds"]))
+                    m.latencies_s = [float(x) for x in data["latencies_s"]]
+                    m.requests = len(m.latencies_s)
+                    m.samples = int(data["samples"])
+                    m.note = "1 in flight"
+                    round_cells.setdefault(server, {}).setdefault(cell, {})[int(size)] = m
+        results.append(round_cells)
     return results
 
 
 @dataclass
 class TritonComparison:
     """Section f: per round, our server's and KServe's cells measured by the same tritonclient
-    script one after the other, both servers up (light teacher, torch at one thread in both);
+    script, cell by cell in turn, both servers up (light teacher, torch at one thread in both);
     plus our own v1 unary (TeacherClient) at every batch size."""
 
     version: str | None
@@ -935,8 +954,9 @@ class TritonComparison:
 
 
 def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
-    """Section f: both servers serve the light teacher at once; each round measures ours, then
-    KServe, with the same tritonclient script, then our v1 unary."""
+    """Section f: both servers serve the light teacher at once; one tritonclient process
+    measures them cell by cell in turn (`rounds` rounds, the order reversed every other round),
+    then our v1 unary is measured `rounds` times."""
     from bench.kserve_env import ensure_kserve_venv, kserve_version
     from bench.light_teacher import LIGHT_MODEL_NAME, build_light_repository, digits_data
 
@@ -945,7 +965,6 @@ def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
     print(f"\nf. tritonclient one at a time, ours vs KServe {version} ({python})")
     samples = digits_data()[2]
     options = TargetOptions(LIGHT_MODEL_NAME, temperature=TEMPERATURE, output="probs")
-    results: list[dict[str, Cells]] = []
     unary: list[Cells] = []
     with tempfile.TemporaryDirectory(prefix="bench-light-") as folder:
         light_root = build_light_repository(Path(folder))
@@ -958,16 +977,13 @@ def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
             ),
             TeacherClient(teacher.grpc_address) as client,
         ):
-            for index in range(rounds):
-                ours = tritonclient_measurements(
-                    python, teacher.http_url, teacher.grpc_address, samples, budget
-                )
-                print(f"  f. round {index + 1}: ours measured")
-                theirs = tritonclient_measurements(
-                    python, kserve_http, kserve_grpc, samples, budget
-                )
-                print(f"  f. round {index + 1}: KServe measured")
-                results.append({"ours": ours, "kserve": theirs})
+            servers = {
+                "ours": (teacher.http_url, teacher.grpc_address),
+                "kserve": (kserve_http, kserve_grpc),
+            }
+            results = tritonclient_measurements(python, servers, samples, budget, rounds)
+            print(f"  f. {rounds} rounds of tritonclient measured, ours and KServe cell by cell")
+            for _ in range(rounds):
                 unary.append(
                     {
                         "v1 unary": {
@@ -1090,7 +1106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="run only f. (tritonclient one request at a time, ours vs KServe, light teacher)",
     )
     parser.add_argument(
-        "--triton-rounds", type=int, default=2, help="rounds of f. (each: ours, then KServe)"
+        "--triton-rounds", type=int, default=2, help="rounds of f. (both servers, cell by cell)"
     )
     parser.add_argument(
         "--device",

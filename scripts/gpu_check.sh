@@ -6,9 +6,9 @@
 #
 # 1. installs: a virtual environment (default .venv-gpu, beside the CPU .venv) with a CUDA build
 #    of the torch version constraints.txt pins, from PyTorch's CUDA wheel index (TORCH_INDEX_URL,
-#    default https://download.pytorch.org/whl/cu128), then the project with
+#    default https://download.pytorch.org/whl/cu130), then the project with
 #    `-c constraints.txt -e .[dev]`. constraints.txt pins `torch==2.13.0`, which the CUDA wheel
-#    `2.13.0+cu128` satisfies (a pin without a local label matches any), so pip keeps it rather
+#    `2.13.0+cu130` satisfies (a pin without a local label matches any), so pip keeps it rather
 #    than taking the CPU wheel (`+cpu`) this repository's CI finds on disk.
 #    --skip-install: use the venv as it is (e.g. --venv .venv --skip-install on a CPU machine).
 # 2. without CUDA: records the machine (nvidia-smi, torch), makes sure the default teacher is
@@ -35,7 +35,7 @@ VENV=".venv-gpu"
 SKIP_INSTALL=0
 DRY_RUN=0
 REPOSITORY=""
-TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu128}"
+TORCH_INDEX_URL="${TORCH_INDEX_URL:-https://download.pytorch.org/whl/cu130}"
 PYTHON="${PYTHON:-python3}"
 while [ $# -gt 0 ]; do
     case "$1" in
