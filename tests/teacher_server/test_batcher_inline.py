@@ -70,7 +70,7 @@ def test_lone_requests_run_inline_with_the_same_results(
         results = []
         for item in items:
             results.append(await batcher.submit(item, 30.0))
-            await asyncio.sleep(0.01)  # a client's round trip: longer than the forward
+            await asyncio.sleep(0.1)  # a client's round trip: longer than the forward
         return results
 
     results, batcher = run_batcher(engine, INLINE_MAX_MS, one_at_a_time)
