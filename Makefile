@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-lm test lint install test-container wheelhouse images
+.PHONY: demo demo-lm test lint install test-container wheelhouse images gpu-check
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,3 +46,9 @@ images:
 
 test-container: $(STAMP) images wheelhouse
 	$(BIN)/python -m pytest --container -v -s tests/container
+
+# On a machine with an NVIDIA GPU: a CUDA torch in .venv-gpu, the engine check and the CUDA
+# benchmarks (throughput, sequence, per-request cost) in under 8 minutes, JSON + summary.md in
+# runs/gpu-check-<time>/ (scripts/gpu_check.sh; --dry-run prints the plan).
+gpu-check:
+	scripts/gpu_check.sh

@@ -3,7 +3,7 @@
     python -m bench.kserve_env            # create bench/.venv-kserve if needed, print versions
 
 It is made with `python3 -m venv` and `pip install -c bench/kserve-constraints.txt kserve
-torch==2.13.0 safetensors numpy httpx`; the constraints pin the same CPU torch wheel as the project
+torch==2.13.0 safetensors numpy httpx tritonclient[grpc,http]`; the constraints pin the same CPU torch wheel as the project
 (found on local disk). KServe's gRPC code is generated for protobuf 6 while this project's is for
 protobuf 7, which is one reason the two never share a process.
 """
@@ -19,9 +19,11 @@ from bench.common import REPO_ROOT
 
 KSERVE_VENV = REPO_ROOT / "bench" / ".venv-kserve"
 CONSTRAINTS = REPO_ROOT / "bench" / "kserve-constraints.txt"
-PACKAGES = ("kserve", "torch==2.13.0", "safetensors", "numpy", "httpx")
+# tritonclient: the unmodified client of section f (bench/kserve_tritonclient.py); its [grpc]
+# extra pins protobuf below 7, which this venv has and the project's does not
+PACKAGES = ("kserve", "torch==2.13.0", "safetensors", "numpy", "httpx", "tritonclient[grpc,http]")
 _PROBE = (
-    "import importlib.metadata, kserve, torch, safetensors, httpx, numpy; "
+    "import importlib.metadata, kserve, torch, safetensors, httpx, numpy, tritonclient.http; "
     "print(importlib.metadata.version('kserve'))"
 )
 

@@ -2,7 +2,8 @@
 run, on the default teacher (the MNIST multi-task CNN) and real MNIST test images.
 
     python -m bench.throughput [--quick] [--json out.json] [--repository PATH] [--duration S]
-                               [--rounds N] [--device cpu] [--kserve]
+                               [--rounds N] [--device cpu] [--kserve] [--tritonclient-only]
+                               [--triton-rounds N]
 
 Tables (samples/s are samples per second of wall time; latencies are per request, in ms):
 
@@ -23,6 +24,12 @@ d. The issue's targets with the measured values, PASS/FAIL (informational: exit 
 e. With `--kserve`: the same teacher, and the issue's light teacher (MLP 64-512-512, 3 heads, on
    scikit-learn digits), behind KServe's Python ModelServer (separate venv and process), v2 REST
    JSON and v2 gRPC at batch 1 and 256, against our server.
+f. With `--kserve` (or alone with `--tritonclient-only`): one request at a time with an unmodified
+   `tritonclient` (v2 gRPC, v2 REST JSON, v2 REST binary; batch 1, 32, 256), run from the KServe
+   venv (`bench/kserve_tritonclient.py`), against our server and KServe, both serving the light
+   teacher at once with torch at one thread, cell by cell in turn (each batch size and protocol:
+   ours then KServe, reversed every other round), `--triton-rounds` rounds; plus our own v1
+   unary (TeacherClient) at the same batch sizes.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -49,6 +57,7 @@ import torch
 from bench.common import (
     DEFAULT_MODEL,
     DEFAULT_REPOSITORY,
+    REPO_ROOT,
     Budget,
     Measurement,
     cycled_batches,
@@ -551,9 +560,14 @@ def print_wire_bytes(results: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def kserve_process(python: Path, folders: Sequence[Path], timeout: float = 180.0) -> Iterator[Any]:
-    """bench/kserve_teacher.py serving `folders` on free loopback ports; yields (http_url,
-    grpc_address) once every model answers ready."""
+def kserve_process(
+    python: Path,
+    folders: Sequence[Path],
+    timeout: float = 180.0,
+    env: dict[str, str] | None = None,
+) -> Iterator[Any]:
+    """bench/kserve_teacher.py serving `folders` on free loopback ports (this environment plus
+    `env`); yields (http_url, grpc_address) once every model answers ready."""
     http_port, grpc_port = free_port(), free_port()
     command = [str(python), "-m", "bench.kserve_teacher"]
     for folder in folders:
@@ -569,7 +583,9 @@ def kserve_process(python: Path, folders: Sequence[Path], timeout: float = 180.0
     from bench.common import REPO_ROOT
 
     log = tempfile.NamedTemporaryFile(prefix="bench-kserve-", suffix=".log", delete=False)
-    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=log)
+    process = subprocess.Popen(
+        command, cwd=REPO_ROOT, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+    )
     http_url = f"http://127.0.0.1:{http_port}"
     try:
         wait_kserve_ready(process, http_url, [f.name for f in folders], timeout, Path(log.name))
@@ -808,6 +824,182 @@ def bench_kserve(repository: Path, ours_cnn: Cells, budget: Budget) -> KServeCom
     return KServeComparison(version, cnn_ours, kserve_cnn, ours_light, kserve_light)
 
 
+# --- f. one request at a time with tritonclient, ours vs KServe -------------------------------
+
+TRITON_CELLS = {
+    "v2_grpc": "v2 gRPC",
+    "v2_rest_json": "v2 REST JSON",
+    "v2_rest_binary": "v2 REST binary",
+}
+ONE_THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def tritonclient_measurements(
+    python: Path,
+    servers: dict[str, tuple[str, str]],
+    samples: np.ndarray,
+    budget: Budget,
+    rounds: int,
+) -> list[dict[str, Cells]]:
+    """bench/kserve_tritonclient.py (in the KServe venv) against every server in `servers`
+    (name -> (http_url, grpc_address)), cell by cell in turn, `rounds` times; per round
+    {server: cells}."""
+    from bench.light_teacher import LIGHT_MODEL_NAME
+
+    command = [str(python), "-m", "bench.kserve_tritonclient"]
+    for name, (http_url, grpc_address) in servers.items():
+        command += ["--server", f"{name}={http_url.removeprefix('http://')},{grpc_address}"]
+    with tempfile.TemporaryDirectory(prefix="bench-triton-") as folder:
+        inputs = Path(folder) / "inputs.npy"
+        np.save(inputs, samples)
+        completed = subprocess.run(
+            [
+                *command,
+                "--model",
+                LIGHT_MODEL_NAME,
+                "--inputs",
+                str(inputs),
+                "--batch-sizes",
+                ",".join(str(size) for size in BATCH_SIZES),
+                "--rounds",
+                str(rounds),
+                "--duration",
+                str(budget.duration_s),
+                "--warmup",
+                str(budget.warmup_s),
+                "--max-calls",
+                str(budget.max_calls),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300 + 80 * rounds * budget.duration_s,
+            cwd=REPO_ROOT,
+        )
+    if completed.returncode != 0:
+        raise RuntimeError(f"kserve_tritonclient exited {completed.returncode}:\n"
+                           f"{completed.stderr[-3000:]}")  # fmt: skip
+    raw = json.loads([line for line in completed.stdout.splitlines() if line.strip()][-1])
+    results: list[dict[str, Cells]] = []
+    for by_server in raw:
+        round_cells: dict[str, Cells] = {}
+        for server, cells in by_server.items():
+            for cell, by_size in cells.items():
+                for size, data in by_size.items():
+                    m = Measurement(TRITON_CELLS[cell], int(size), seconds=float(data["seconds"]))
+                    m.latencies_s = [float(x) for x in data["latencies_s"]]
+                    m.requests = len(m.latencies_s)
+                    m.samples = int(data["samples"])
+                    m.note = "1 in flight"
+                    round_cells.setdefault(server, {}).setdefault(cell, {})[int(size)] = m
+        results.append(round_cells)
+    return results
+
+
+@dataclass
+class TritonComparison:
+    """Section f: per round, our server's and KServe's cells measured by the same tritonclient
+    script, cell by cell in turn, both servers up (light teacher, torch at one thread in both);
+    plus our own v1 unary (TeacherClient) at every batch size."""
+
+    version: str | None
+    rounds: list[dict[str, Cells]]  # [{"ours": cells, "kserve": cells}, ...]
+    v1_unary: list[Cells]  # per round {"v1 unary": {size: m}}
+
+    def ratios(self, cell: str, size: int) -> list[float]:
+        return [
+            ratio(r["ours"][cell][size].samples_per_s, r["kserve"][cell][size].samples_per_s)
+            for r in self.rounds
+        ]
+
+    def v1_unary_p50_ms(self, size: int = 1) -> float:
+        """The best (lowest) round's median latency of our v1 unary at `size`."""
+        return min(r["v1 unary"][size].p50_ms for r in self.v1_unary)
+
+    def print(self) -> None:
+        rows: list[list[object]] = []
+        for cell, label in TRITON_CELLS.items():
+            for size in BATCH_SIZES:
+                for index, r in enumerate(self.rounds):
+                    ours, theirs = r["ours"][cell][size], r["kserve"][cell][size]
+                    rows.append(
+                        [label, size, index + 1, ours.samples_per_s, ours.p50_ms,
+                         theirs.samples_per_s, theirs.p50_ms,
+                         ratio(ours.samples_per_s, theirs.samples_per_s)]
+                    )  # fmt: skip
+        for index, unary in enumerate(self.v1_unary):
+            for size in BATCH_SIZES:
+                m = unary["v1 unary"][size]
+                rows.append(["v1 unary (ours only)", size, index + 1, m.samples_per_s, m.p50_ms,
+                             float("nan"), float("nan"), float("nan")])  # fmt: skip
+        print_table(
+            f"f. One request at a time, unmodified tritonclient, light teacher: ours vs KServe "
+            f"{self.version} (both up, torch 1 thread each)",
+            ["client / protocol", "batch", "round", "ours samples/s", "ours p50 ms",
+             "kserve samples/s", "kserve p50 ms", "ours / kserve"],
+            rows,
+        )  # fmt: skip
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kserve_version": self.version,
+            "rounds": [
+                {server: dump_cells(cells) for server, cells in r.items()} for r in self.rounds
+            ],
+            "v1_unary": [dump_cells(r) for r in self.v1_unary],
+            "ratios": {
+                cell: {str(size): self.ratios(cell, size) for size in BATCH_SIZES}
+                for cell in TRITON_CELLS
+            },
+        }
+
+
+def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
+    """Section f: both servers serve the light teacher at once; one tritonclient process
+    measures them cell by cell in turn (`rounds` rounds, the order reversed every other round),
+    then our v1 unary is measured `rounds` times."""
+    from bench.kserve_env import ensure_kserve_venv, kserve_version
+    from bench.light_teacher import LIGHT_MODEL_NAME, build_light_repository, digits_data
+
+    python = ensure_kserve_venv()
+    version = kserve_version()
+    print(f"\nf. tritonclient one at a time, ours vs KServe {version} ({python})")
+    samples = digits_data()[2]
+    options = TargetOptions(LIGHT_MODEL_NAME, temperature=TEMPERATURE, output="probs")
+    unary: list[Cells] = []
+    with tempfile.TemporaryDirectory(prefix="bench-light-") as folder:
+        light_root = build_light_repository(Path(folder))
+        ours_args = (*LIGHT_ARGS, "--device", "cpu", "--torch-threads", "1")
+        with (
+            teacher_process(light_root, ours_args, ONE_THREAD_ENV) as teacher,
+            kserve_process(python, [light_root / LIGHT_MODEL_NAME], env=ONE_THREAD_ENV) as (
+                kserve_http,
+                kserve_grpc,
+            ),
+            TeacherClient(teacher.grpc_address) as client,
+        ):
+            servers = {
+                "ours": (teacher.http_url, teacher.grpc_address),
+                "kserve": (kserve_http, kserve_grpc),
+            }
+            results = tritonclient_measurements(python, servers, samples, budget, rounds)
+            print(f"  f. {rounds} rounds of tritonclient measured, ours and KServe cell by cell")
+            for _ in range(rounds):
+                unary.append(
+                    {
+                        "v1 unary": {
+                            size: time_calls(
+                                "v1 unary",
+                                lambda x: client.soft_targets_with(x, options),
+                                cycled_batches(samples, size, 8),
+                                budget,
+                            )
+                            for size in BATCH_SIZES
+                        }
+                    }
+                )
+    return TritonComparison(version, results, unary)
+
+
 # --- d. targets --------------------------------------------------------------------------------
 
 
@@ -828,6 +1020,26 @@ class Target:
             "target": self.target,
             "pass": self.passed,
         }
+
+
+def triton_targets(comparison: TritonComparison) -> list[Target]:
+    """The issue's one-at-a-time targets; each ratio is the worse of the rounds."""
+    result = []
+    for cell in ("v2_grpc", "v2_rest_binary"):
+        for size in BATCH_SIZES:
+            needed = 1.2 if size >= 256 else 1.5
+            result.append(
+                Target(
+                    f"tritonclient {TRITON_CELLS[cell]} at batch {size}, ours / KServe (worse "
+                    "round)",
+                    min(comparison.ratios(cell, size)),
+                    needed,
+                )
+            )
+    p50 = comparison.v1_unary_p50_ms(1)
+    # a target below: expressed as 0.6 ms / p50 >= 1
+    result.append(Target(f"v1 unary at batch 1: 0.6 ms / p50 ({p50:.3f} ms)", 0.6 / p50, 1.0))
+    return result
 
 
 def targets(
@@ -885,7 +1097,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="short cells (the run takes ~1 min)")
     parser.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     parser.add_argument("--duration", type=float, help="timed seconds per cell (default 3)")
-    parser.add_argument("--kserve", action="store_true", help="also compare with KServe (e.)")
+    parser.add_argument(
+        "--kserve", action="store_true", help="also compare with KServe (e. and f.)"
+    )
+    parser.add_argument(
+        "--tritonclient-only",
+        action="store_true",
+        help="run only f. (tritonclient one request at a time, ours vs KServe, light teacher)",
+    )
+    parser.add_argument(
+        "--triton-rounds", type=int, default=2, help="rounds of f. (both servers, cell by cell)"
+    )
     parser.add_argument(
         "--device",
         default="cpu",
@@ -913,6 +1135,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit("--kserve compares CPU serving: use it with --device cpu")
     budget = budget_for(args)
     started = time.perf_counter()
+    if args.tritonclient_only:
+        run_tritonclient_only(args, budget, started)
+        return
     repository = ensure_repository(args.repository.resolve())
     images = mnist_multitask().test_x  # 1,000 held-out real MNIST images, float32 in [0, 1]
     machine = machine_summary()
@@ -936,12 +1161,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         with teacher_process(repository, (*extra, *device_args)) as teacher:
             concurrency += bench_concurrency(label, teacher, images, budget)
     kserve = bench_kserve(repository, transports, budget) if args.kserve else None
+    triton = bench_tritonclient(budget, args.triton_rounds) if args.kserve else None
     print_transports(transports)
     print_concurrency(concurrency, transports["grpc-unary"][max(BATCH_SIZES)])
     print_wire_bytes(wire)
     if kserve is not None:
         kserve.print()
+    if triton is not None:
+        triton.print()
     items = targets(transports, concurrency, kserve)
+    items += triton_targets(triton) if triton is not None else []
     print_targets(items)
     elapsed = time.perf_counter() - started
     print(f"\ntotal {elapsed:.0f}s; machine load now {os.getloadavg()}")
@@ -961,6 +1190,34 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "concurrency": [row.to_json() for row in concurrency],
                 "wire_bytes": wire,
                 "kserve": None if kserve is None else kserve.to_json(),
+                "tritonclient": None if triton is None else triton.to_json(),
+                "targets": [t.to_json() for t in items],
+            },
+        )
+
+
+def run_tritonclient_only(args: argparse.Namespace, budget: Budget, started: float) -> None:
+    """`--tritonclient-only`: section f and its targets."""
+    if args.device != "cpu":
+        raise SystemExit("--tritonclient-only compares CPU serving: use it with --device cpu")
+    machine = machine_summary()
+    print(f"machine: {machine}")
+    print(f"budget per cell: {budget}")
+    triton = bench_tritonclient(budget, args.triton_rounds)
+    triton.print()
+    items = triton_targets(triton)
+    print_targets(items)
+    elapsed = time.perf_counter() - started
+    print(f"\ntotal {elapsed:.0f}s; machine load now {os.getloadavg()}")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "machine": machine,
+                "budget": dataclasses.asdict(budget),
+                "seconds": round(elapsed, 1),
+                "load_after": [round(x, 2) for x in os.getloadavg()],
+                "tritonclient": triton.to_json(),
                 "targets": [t.to_json() for t in items],
             },
         )

@@ -101,6 +101,13 @@ class Settings(BaseSettings):
         ge=1,
         description="requests waiting for a forward per model; beyond it RESOURCE_EXHAUSTED",
     )
+    inline_forward_max_ms: float = Field(
+        2.0,
+        ge=0,
+        description="a lone request (nothing else waiting or running) whose size last ran alone "
+        "in at most this many ms is forwarded on the event loop, skipping the queue and the "
+        "worker thread's two hops (docs/performance.md); 0: every forward on the worker thread",
+    )
     max_message_bytes: int = Field(
         64 * 1024 * 1024, ge=1024, description="largest gRPC message or HTTP body accepted"
     )
@@ -170,6 +177,12 @@ class Settings(BaseSettings):
         None, description="once serving, write {grpc_port, http_port, pid} as JSON to this file"
     )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    stage_timing_file: Path | None = Field(
+        None,
+        description="benchmarks: stamp every soft-target request's stages (decode, queue, "
+        "forward, encode...) and write them to this file as JSON lines at shutdown "
+        "(bench/request_cost.py); unset: off, nothing recorded",
+    )
 
     @field_validator("allowed_architectures", mode="before")
     @classmethod

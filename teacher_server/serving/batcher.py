@@ -33,6 +33,7 @@ from teacher_server.serving.engine import Engine
 from teacher_server.serving.fair_queue import FairQueue
 from teacher_server.serving.schema import SoftTargets, ValidatedRequest
 from teacher_server.serving.sequence_engine import SequenceEngine
+from teacher_server.serving.stage_timing import Stamps, current
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,7 @@ class _Pending:
     future: asyncio.Future[SoftTargets]
     client: Client
     queued_at: float  # time.perf_counter() when queued
+    stamps: Stamps | None = None  # stage timing (bench/request_cost.py); None when off
 
 
 OnServed = Callable[[str, int, float], None]  # (client name, rows, seconds waited)
@@ -61,13 +63,16 @@ class DynamicBatcher:
         max_queued_rows: int = 0,
         on_served: OnServed | None = None,
         on_refused: Callable[[str], None] | None = None,
+        inline_forward_max_ms: float = 0.0,
     ) -> None:
         """`on_forward(requests, samples, seconds)` is called after each forward (metrics).
         `max_batch_tokens`: most `ValidatedRequest.tokens` merged into one forward (0: no
         budget; for sequence models). `fair`: deficit round-robin across clients (else FIFO).
         `max_queued_rows`: a client's cap on rows waiting, unless its `Client` names its own
         (0: none). `on_served(client, rows, seconds waited)` is called per request as its
-        forward starts; `on_refused(client)` when a client's request passes its cap."""
+        forward starts; `on_refused(client)` when a client's request passes its cap.
+        `inline_forward_max_ms`: a lone request whose forward took at most this long before
+        runs on the event loop (see `_run_lone`); 0: never."""
         self.engine = engine
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
@@ -89,6 +94,14 @@ class DynamicBatcher:
         self._accepting = True
         self._busy = False  # a forward is running
         self._lone = True  # the last forward held a single request
+        # The lone-request fast path (`_run_lone`): seconds a lone forward took, by row bucket
+        # (the next power of two of its rows), and when the last inline one ended (loop time).
+        self.inline_forward_max = inline_forward_max_ms / 1000.0
+        self._lone_seconds: dict[int, float] = {}
+        self._inline_ended = 0.0
+        self._inline_seconds = 0.0
+        self._engine_seconds = 0.0  # the last queue-path forward's time in the worker thread
+        self.inline_forwards = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
@@ -134,6 +147,10 @@ class DynamicBatcher:
                 "not accepting requests (unloading or stopped); retry"
             )
         client = current_client() if client is None else client
+        if self._may_run_inline(request):  # nothing waiting or running: no cap can be passed
+            if self._on_served is not None:
+                self._on_served(client.name, request.batch_size, 0.0)
+            return self._run_lone(request)
         if len(self._queue) >= self.max_queue_size:
             raise ResourceExhausted(
                 f"queue: {self.max_queue_size} requests already waiting for model "
@@ -153,7 +170,7 @@ class DynamicBatcher:
                 "queue",
             )
         future: asyncio.Future[SoftTargets] = asyncio.get_running_loop().create_future()
-        pending = _Pending(request, future, client, time.perf_counter())
+        pending = _Pending(request, future, client, time.perf_counter(), current())
         self._queue.put(client.name, client.weight, rows, request.tokens, pending)
         self._arrived.set()
         try:
@@ -187,6 +204,8 @@ class DynamicBatcher:
         # backlog there is nothing to jump: the forward fills as usual.
         short = self._queue.serving_new and self._queue.backlogged
         first = self._queue.pop()
+        if first.stamps is not None:
+            first.stamps.mark("dequeued")
         batch, samples, tokens = [first], first.request.batch_size, first.request.tokens
         budget = self.max_batch_tokens or None
         loop = asyncio.get_running_loop()
@@ -209,6 +228,8 @@ class DynamicBatcher:
             ):
                 break  # stays first in line: the first of the next forward
             self._queue.pop()
+            if item.stamps is not None:
+                item.stamps.mark("dequeued")
             batch.append(item)
             samples += item.request.batch_size
             tokens += item.request.tokens
@@ -231,9 +252,12 @@ class DynamicBatcher:
     async def _forward(self, batch: list[_Pending]) -> None:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        stamps = [item.stamps for item in batch if item.stamps is not None]
+        for each in stamps:
+            each.mark("dispatched")
         try:
             results = await loop.run_in_executor(
-                self._executor, self.engine.run, [item.request for item in batch]
+                self._executor, self._run_engine, [item.request for item in batch], stamps
             )
         except Exception as error:  # a failed forward fails its requests, not the server
             log.exception("forward failed for %d requests", len(batch))
@@ -241,12 +265,117 @@ class DynamicBatcher:
                 if not item.future.done():
                     item.future.set_exception(Internal(f"forward failed: {error!r}"))
             return
+        for each in stamps:
+            each.mark("resumed")
         self.forwards += 1
         self.requests_forwarded += len(batch)
         self._lone = len(batch) == 1
+        seconds = time.perf_counter() - started
+        if self._lone:
+            self._note_lone(batch[0].request.batch_size, self._engine_seconds)
         if self._on_forward is not None:
             samples = sum(item.request.batch_size for item in batch)
-            self._on_forward(len(batch), samples, time.perf_counter() - started)
+            self._on_forward(len(batch), samples, seconds)
+        for each in stamps:
+            each.mark("handed")
         for item, result in zip(batch, results, strict=True):
             if not item.future.done():
                 item.future.set_result(result)
+
+    def _run_engine(
+        self, requests: list[ValidatedRequest], stamps: list[Stamps]
+    ) -> list[SoftTargets]:
+        """The forward, on the worker thread; with stage timing on, the engine's marks are copied
+        onto every request's stamps (they shared the forward)."""
+        started = time.perf_counter()
+        try:
+            if not stamps or not isinstance(self.engine, Engine):
+                return self.engine.run(requests)
+            for each in stamps:
+                each.mark("worker")
+            return self._run_engine_marked(requests, stamps)
+        finally:
+            self._engine_seconds = time.perf_counter() - started  # read after the await
+
+    def _run_engine_marked(
+        self, requests: list[ValidatedRequest], stamps: list[Stamps]
+    ) -> list[SoftTargets]:
+        assert isinstance(self.engine, Engine)
+        marks: list[tuple[str, int]] = []
+        self.engine.stage_marks = marks
+        try:
+            results = self.engine.run(requests)
+        finally:
+            self.engine.stage_marks = None
+        telemetry = sum(ns for name, ns in marks if name == "telemetry_ns")
+        marks = [(name, ns) for name, ns in marks if name != "telemetry_ns"]
+        for each in stamps:
+            each.marks.extend(marks)
+            each.telemetry_ns += telemetry
+            each.mark("engine_done")
+        return results
+
+    # ---- the lone-request fast path (issue 19) -----------------------------------------------
+    # One client sending one request at a time pays, on the queue path, a wake-up of the batcher
+    # task, two thread hops (to the worker and back) and a wake-up of its handler: most of the
+    # server's time for a small forward, and far more on a loaded machine, where each hop waits
+    # for the OS to schedule a thread. When nothing else is waiting or running, and the same
+    # request size ran alone in at most `inline_forward_max_ms` before, the forward runs right
+    # here on the event loop instead, as a model server without a batcher does; the loop is
+    # blocked for about that long. Requests that arrive meanwhile wait in the socket; when the
+    # next one comes in sooner after an inline forward than that forward took (requests were
+    # queuing behind it: several clients), it takes the queue path, where they merge.
+
+    def _note_lone(self, rows: int, seconds: float) -> None:
+        """Keep a smoothed time of lone forwards of about `rows` rows (the engine's time only:
+        on the queue path, without the thread hops)."""
+        bucket = _row_bucket(rows)
+        before = self._lone_seconds.get(bucket, seconds)
+        self._lone_seconds[bucket] = 0.5 * (before + seconds)
+
+    def _may_run_inline(self, request: ValidatedRequest) -> bool:
+        if self.inline_forward_max <= 0 or self._busy:
+            return False
+        if not (self._lone and not len(self._queue)):
+            return False
+        seconds = self._lone_seconds.get(_row_bucket(request.batch_size))
+        if seconds is None or seconds > self.inline_forward_max:
+            return False  # not measured alone yet (the queue path measures it), or too slow
+        now = asyncio.get_running_loop().time()
+        return now - self._inline_ended >= self._inline_seconds
+
+    def _run_lone(self, request: ValidatedRequest) -> SoftTargets:
+        """Forward one request on the event loop (see above); a failed forward raises
+        `Internal`, as on the queue path."""
+        stamps = current()
+        if stamps is not None:
+            stamps.mark("dequeued")
+        started = time.perf_counter()
+        self._busy = True
+        try:
+            if stamps is not None and isinstance(self.engine, Engine):
+                results = self._run_engine_marked([request], [stamps])
+            else:
+                results = self.engine.run([request])
+        except Exception as error:  # a failed forward fails its request, not the server
+            log.exception("inline forward failed")
+            raise Internal(f"forward failed: {error!r}") from None
+        finally:
+            self._busy = False
+        seconds = time.perf_counter() - started
+        self._note_lone(request.batch_size, seconds)
+        self._inline_seconds = seconds
+        self._inline_ended = asyncio.get_running_loop().time()
+        self.forwards += 1
+        self.inline_forwards += 1
+        self.requests_forwarded += 1
+        if self._on_forward is not None:
+            self._on_forward(1, request.batch_size, seconds)
+        if stamps is not None:
+            stamps.mark("handed")
+        return results[0]
+
+
+def _row_bucket(rows: int) -> int:
+    """The power of two at or above `rows`: lone forwards' times are kept per bucket."""
+    return 1 << max(0, rows - 1).bit_length()

@@ -52,6 +52,7 @@ from teacher_server.serving.schema import (
     VersionSummary,
 )
 from teacher_server.serving.sequence_engine import SequenceEngine
+from teacher_server.serving.stage_timing import StageRecorder, current
 from teacher_server.serving.validation import validate
 from teacher_server.settings import Settings
 
@@ -160,6 +161,8 @@ class TeacherCore:
         self.metrics = Metrics(settings.metrics_max_clients)
         self.metrics.watch_queues(self._queue_depths)
         self.metrics.watch_client_queues(self._queued_rows)
+        # per-request stage stamps for bench/request_cost.py; off unless a file is set
+        self.stages = StageRecorder(settings.stage_timing_file)
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -202,6 +205,7 @@ class TeacherCore:
                 name, client, rows, waited
             ),
             on_refused=lambda client: metrics.observe_refused(name, client),
+            inline_forward_max_ms=self.settings.inline_forward_max_ms,
         )
         metrics.model_loads.labels(name, "ok").inc()
         info = model_info(
@@ -346,6 +350,7 @@ class TeacherCore:
         for served in self.models.values():
             for version in served.versions.values():
                 await version.batcher.close()
+        self.stages.write()
 
     # ---- reload --------------------------------------------------------------------------
 
@@ -512,6 +517,7 @@ class TeacherCore:
         """Validate, batch with other requests, forward, and return this request's soft targets.
         `timeout` (seconds, e.g. the client's gRPC deadline) is capped by `request_timeout_s`."""
         started = time.perf_counter()
+        stamps = current()  # None unless stage timing is on
         # Label by model only for served names: a bad client must not grow the label set.
         model = request.model if request.model in self.models else "unknown"
         try:
@@ -521,11 +527,18 @@ class TeacherCore:
             limit = self.settings.request_timeout_s
             timeout = limit if timeout is None else max(0.0, min(timeout, limit))
             validated = validate(request, served.info)
+            if stamps is not None:
+                stamps.batch_size = validated.batch_size
+                stamps.mark("validated")
             result = await served.batcher.submit(validated, timeout)
         except TeacherError as error:
             self.metrics.record_request(transport, model, error.code, time.perf_counter() - started)
             raise
+        if stamps is not None:
+            stamps.mark("woken")
         self.metrics.record_request(
             transport, model, "OK", time.perf_counter() - started, validated.tasks
         )
+        if stamps is not None:
+            stamps.mark("recorded")
         return result

@@ -126,6 +126,10 @@ class Engine:
         # Called from the worker thread with (task, probabilities (batch, classes) float64) of
         # every request, for telemetry.
         self.on_distribution: Callable[[str, np.ndarray], None] | None = None
+        # Stage timing (teacher_server.serving.stage_timing), set by the batcher around one
+        # `run` when on: `run` appends ("inputs" | "forward" | "post", perf_counter_ns) and
+        # ("telemetry_ns", nanoseconds spent in `on_distribution`).
+        self.stage_marks: list[tuple[str, int]] | None = None
 
     def describe_forward(self) -> str:
         """How merged batches are run, and why: for the load log."""
@@ -217,8 +221,11 @@ class Engine:
 
     def run(self, batch: list[ValidatedRequest]) -> list[SoftTargets]:
         """Forward the requests as one batch and return each request's soft targets."""
+        marks = self.stage_marks
         tasks = sorted({task for item in batch for task in item.tasks})
         inputs = self._model_inputs([item.inputs for item in batch])
+        if marks is not None:
+            marks.append(("inputs", _synchronized_ns(self.device)))
         hints = {name for item in batch for name in item.request.hints}
         chunk = self.forward_chunk
         if self._pool is not None and chunk > 0:  # every worker gets a chunk
@@ -227,6 +234,8 @@ class Engine:
             member_logits, features = _chunked_logits(
                 self.loaded, inputs, tasks, hints, chunk, self._pool
             )
+        if marks is not None:
+            marks.append(("forward", _synchronized_ns(self.device)))
         results = []
         start = 0
         for _, run in itertools.groupby(batch, key=_settings):
@@ -242,7 +251,10 @@ class Engine:
                 members = [logits[task][start : start + rows] for logits in member_logits]
                 values = task_values(members, first.temperature, first.output)
                 if self.on_distribution is not None:
+                    telemetry_started = time.perf_counter_ns()
                     self.on_distribution(task, probabilities(values, first.output))
+                    if marks is not None:
+                        marks.append(("telemetry_ns", time.perf_counter_ns() - telemetry_started))
                 shaped.append(
                     shape_values(task, values, first.output, first.top_k, first.output_dtype)
                 )
@@ -268,7 +280,17 @@ class Engine:
                 )
                 offset += size
                 start += size
+        if marks is not None:
+            marks.append(("post", time.perf_counter_ns()))
         return results
+
+
+def _synchronized_ns(device: torch.device) -> int:
+    """`perf_counter_ns` once the device's queued work is done (stage timing only: a CUDA
+    forward returns before it runs)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter_ns()
 
 
 def _modules(loaded: LoadedModel) -> list[nn.Module]:

@@ -27,6 +27,7 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 0.999)
 ENTROPY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+PENDING_ROWS = 4096  # distributions' rows gathered before they are counted (or at a scrape)
 
 
 class BulkHistogram(Collector):
@@ -138,6 +139,10 @@ class Metrics:
         `named_clients`: the tokens file's client names, always labelled."""
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.client_labels = ClientLabels(max_client_labels, named_clients)
+        # distributions waiting to be counted (see observe_distribution)
+        self._pending: list[tuple[str, str, np.ndarray]] = []
+        self._pending_rows = 0
+        self._pending_lock = threading.Lock()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -253,11 +258,31 @@ class Metrics:
         self.forward_seconds.labels(model).observe(seconds)
 
     def observe_distribution(self, model: str, task: str, probs: np.ndarray) -> None:
-        """Per-sample entropy (nats) and top-1 probability of `probs` (batch, classes)."""
-        safe = np.clip(probs, 1e-300, 1.0)
-        entropy = -(probs * np.log(safe)).sum(axis=1)
-        self.entropy.observe_many((model, task), np.maximum(entropy, 0.0))
-        self.confidence.observe_many((model, task), probs.max(axis=1))
+        """Per-sample entropy (nats) and top-1 probability of `probs` (batch, classes), counted
+        later: the array is kept (not copied: the caller must not change it) and the histograms
+        are computed for many requests at once when `PENDING_ROWS` rows have gathered or at the
+        next scrape, off the request's path (a dozen numpy calls per task per request, most of a
+        small request's telemetry cost). Thread-safe."""
+        with self._pending_lock:
+            self._pending.append((model, task, probs))
+            self._pending_rows += len(probs)
+            full = self._pending_rows >= PENDING_ROWS
+        if full:
+            self.flush_distributions()
+
+    def flush_distributions(self) -> None:
+        """Count every pending distribution into the entropy and confidence histograms."""
+        with self._pending_lock:
+            pending, self._pending, self._pending_rows = self._pending, [], 0
+        groups: dict[tuple[str, str, int], list[np.ndarray]] = {}
+        for model, task, probs in pending:
+            groups.setdefault((model, task, probs.shape[1]), []).append(probs)
+        for (model, task, _), arrays in groups.items():
+            probs = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+            safe = np.clip(probs, 1e-300, 1.0)
+            entropy = -(probs * np.log(safe)).sum(axis=1)
+            self.entropy.observe_many((model, task), np.maximum(entropy, 0.0))
+            self.confidence.observe_many((model, task), probs.max(axis=1))
 
     def _child(self, metric: Any, *labels: str) -> Any:
         """`metric.labels(*labels)`, memoised: a few dict look-ups per request instead of
@@ -286,4 +311,5 @@ class Metrics:
         self._child(self.bytes_sent, transport).inc(sent)
 
     def exposition(self) -> bytes:
+        self.flush_distributions()
         return generate_latest(self.registry)

@@ -70,10 +70,16 @@ class TeacherServicer(pb_grpc.TeacherServiceServicer):
     async def _answer(
         self, request: pb.SoftTargetsRequest, timeout: float | None, transport: str
     ) -> pb.SoftTargetsResponse:
+        stamps = self._core.stages.begin(transport)  # None unless stage timing is on
         query = convert.request_from_pb(request, self._max_elements)
+        if stamps is not None:
+            stamps.mark("decoded")
         result = await self._core.soft_targets(query, timeout, transport)
         response = convert.response_to_pb(result)
+        if stamps is not None:
+            stamps.mark("encoded")
         self._core.metrics.record_bytes(transport, request.ByteSize(), response.ByteSize())
+        self._core.stages.finish(stamps)
         return response
 
     async def GetSoftTargets(

@@ -106,12 +106,21 @@ def create_v1_router(core: TeacherCore, max_message_bytes: int) -> APIRouter:
     )
     async def soft_targets(model: str, request: Request) -> Response:
         """Soft targets for one batch: JSON (`SoftTargetsBody`) or `application/x-protobuf`."""
+        protobuf = is_protobuf(request)
+        stamps = core.stages.begin("http-protobuf" if protobuf else "http-json")  # None: off
         raw = await read_body(request, max_message_bytes)
-        if is_protobuf(request):
+        if stamps is not None:
+            stamps.mark("received")  # the body, read from the connection
+        if protobuf:
             query = convert.request_from_protobuf(model, raw, max_message_bytes)
+            if stamps is not None:
+                stamps.mark("decoded")
             result = await core.soft_targets(query, _timeout(request), "http-protobuf")
             body = convert.response_to_pb(result).SerializeToString()
+            if stamps is not None:
+                stamps.mark("encoded")
             core.metrics.record_bytes("http-protobuf", len(raw), len(body))
+            core.stages.finish(stamps)
             return Response(body, media_type=PROTOBUF)
         content_type = media_type(request.headers.get("content-type"))
         if content_type not in ("", "application/json"):
@@ -120,9 +129,14 @@ def create_v1_router(core: TeacherCore, max_message_bytes: int) -> APIRouter:
                 "content-type",
             )
         query = convert.request_from_json(model, raw)
+        if stamps is not None:
+            stamps.mark("decoded")
         result = await core.soft_targets(query, _timeout(request), "http-json")
         response = JSONResponse(convert.soft_targets_json(result))
+        if stamps is not None:
+            stamps.mark("encoded")
         core.metrics.record_bytes("http-json", len(raw), len(response.body))
+        core.stages.finish(stamps)
         return response
 
     return router

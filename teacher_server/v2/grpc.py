@@ -68,13 +68,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
+        stamps = self._core.stages.begin("v2-grpc")  # None unless stage timing is on
         version = request.model_version
         info = metadata.resolve(self._core, request.model_name, version)
         pinned = info.model_version if version else ""
         decoded = convert_grpc.decode_grpc_infer(request, pinned, self._max_elements)
+        if stamps is not None:
+            stamps.mark("decoded")
         timeout = _min_timeout(decoded.timeout, context.time_remaining())
         result = await self._core.soft_targets(decoded.request, timeout, "v2-grpc")
-        return convert_grpc.encode_grpc_infer(result, decoded)
+        response = convert_grpc.encode_grpc_infer(result, decoded)
+        if stamps is not None:
+            stamps.mark("encoded")
+        self._core.stages.finish(stamps)
+        return response
 
 
 def add_inference_service(server: grpc.aio.Server, core: TeacherCore, max_elements: int) -> None:

@@ -56,20 +56,31 @@ def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) ->
 
     async def infer(request: Request, model: str, version: str = "") -> Response:
         """Soft targets for one batch: JSON, or the binary tensor data extension."""
+        stamps = core.stages.begin("v2-http")  # None unless stage timing is on
         pinned = metadata.resolve(core, model, version).model_version if version else ""
         body = await read_body(request, limit)
+        if stamps is not None:
+            stamps.mark("received")  # the body, read from the connection
         decoded = convert_http.decode_http_infer(
             model, pinned, body, request.headers.get(convert_http.HEADER_LENGTH), limit
         )
+        if stamps is not None:
+            stamps.mark("decoded")
         result = await core.soft_targets(decoded.request, decoded.timeout, "v2-http")
         content, header_length = convert_http.encode_http_infer(result, decoded)
         if header_length is None:
-            return Response(content, media_type="application/json")
-        return Response(
-            content,
-            media_type=BINARY_MEDIA_TYPE,
-            headers={convert_http.HEADER_LENGTH: str(header_length)},
-        )
+            response = Response(content, media_type="application/json")
+        else:
+            response = Response(
+                content,
+                media_type=BINARY_MEDIA_TYPE,
+                headers={convert_http.HEADER_LENGTH: str(header_length)},
+            )
+        if stamps is not None:
+            stamps.door = "v2-http-json" if header_length is None else "v2-http-binary"
+            stamps.mark("encoded")
+        core.stages.finish(stamps)
+        return response
 
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         router.add_api_route(prefix, model_metadata, methods=["GET"])
