@@ -363,7 +363,7 @@ def consistent_markdown(result: dict[str, Any]) -> str:
     int8 = int8_summary(result["records"])
     if int8:
         parts.append(markdown_table(INT8_HEADERS, int8))
-    parts += [f"- {line}" for line in consistent_check_lines(result["checks"])]
+    parts.append("\n".join(f"- {line}" for line in consistent_check_lines(result["checks"])))
     return "\n\n".join(parts) + "\n"
 
 

@@ -127,6 +127,11 @@ def shift_check(epochs: int) -> Check:
 
 def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
     short, long = shift_check(epochs), shift_check(long_epochs)
+    mixup = Check(
+        Row("online", "shift+mixup", epochs),
+        Row("hard", "shift+mixup", epochs),
+        Row("cached", "shift+mixup", epochs),
+    )
     checks = (
         short.distilled,  # first: it asks about every epoch's views, which the others reuse
         short.hard,
@@ -138,9 +143,9 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         Row("online", "shift", epochs, "dkd"),
         Row("online", "shift", epochs, "dist"),
         Row("online", "shift", epochs, task_weighting="uncertainty"),
-        Row("hard", "shift+mixup", epochs),
-        Row("online", "shift+mixup", epochs),
-        Row("cached", "shift+mixup", epochs),
+        mixup.hard,
+        mixup.distilled,
+        mixup.cached,
         Row("online", "shift+mixup", epochs, "dkd", "uncertainty"),
         Row("hard", "shift", epochs, hidden=FSP_HIDDEN),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN),
@@ -152,7 +157,7 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         epochs,
         long_epochs,
         (checks, methods, patient, patience_alone),
-        (short, long),
+        (short, long, mixup),
         (short.distilled, long.distilled),
     )
 

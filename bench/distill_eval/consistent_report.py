@@ -167,7 +167,12 @@ def describe_checks(found: dict[str, Any]) -> list[str]:
             f"{100 * gap['distilled']['mean']:.2f} ± {100 * gap['distilled']['std']:.2f} vs "
             f"{gap['hard_row']} {100 * gap['hard_labels']['mean']:.2f} ± "
             f"{100 * gap['hard_labels']['std']:.2f}, teacher {100 * gap['teacher']:.2f}: "
-            f"{100 * gap['fraction_closed']:.0f}% closed, margin {100 * gap['margin']:.2f} "
+            + (
+                f"{100 * gap['fraction_closed']:.0f}% closed"
+                if gap["fraction_closed"] == gap["fraction_closed"]  # not NaN
+                else "hard labels at or above the teacher, no gap to close"
+            )
+            + f", margin {100 * gap['margin']:.2f} "
             f"points, 2 std {100 * gap['two_std']:.2f} ({entry['seeds']} seeds)"
         )
         online = entry["online_beats_cached"]
