@@ -13,7 +13,13 @@ import numpy as np
 from student_client.online.client import TeacherClient
 from student_client.training.augment import AUGMENTATIONS
 from student_client.training.datasets import mnist_multitask
-from student_client.training.demo import KD_LOSSES, TASK_WEIGHTINGS, DemoSettings, run_demo
+from student_client.training.demo import (
+    KD_LOSSES,
+    PATIENT_EPOCHS,
+    TASK_WEIGHTINGS,
+    DemoSettings,
+    run_demo,
+)
 from student_client.training.lm_demo import LMDemoSettings, run_lm_demo
 
 
@@ -93,6 +99,12 @@ def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[
         "--int8",
         action="store_true",
         help="also quantise the distilled student to int8 and report accuracy, size, latency",
+    )
+    demo.add_argument(
+        "--patient",
+        action="store_true",
+        help=f"the long schedule: {PATIENT_EPOCHS} epochs per student (overrides --epochs; "
+        "about 5x the run time)",
     )
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -405,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "demo":
         run_demo(
             DemoSettings(
-                epochs=args.epochs,
+                epochs=PATIENT_EPOCHS if args.patient else args.epochs,
                 seeds=tuple(range(args.seeds)),
                 hidden=tuple(args.hidden),
                 temperature=args.temperature,

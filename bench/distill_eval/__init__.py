@@ -2,6 +2,14 @@
 
     python -m bench.distill_eval [--quick] [--json out.json] [--seeds 3] [--repository PATH]
         [--datasets mnist,digits] [--img-dir docs/img] [--markdown out.md] [--from-json in.json]
+    python -m bench.distill_eval --consistent [--seeds 3] [--long-epochs 100] [--log runs.jsonl]
+        [--resume] [--json out.json] [--markdown out.md]
+    python -m bench.distill_eval --from-log runs.jsonl [--markdown out.md]
+
+`--consistent` runs only the rows of issue 21 on MNIST (`consistent.py`: the teacher labelling
+each fresh augmented view vs hard labels on the same views vs KD on fixed cached views, at 20 and
+100 epochs; DKD, DIST, FSP, learned task weights; the int8 student) and the issue's checks
+(`consistent_report.py`); each finished run goes to the `--log` as one JSON line.
 
 The teacher is served over gRPC by a real teacher server process on loopback (`--torch-threads
 1`). Two datasets, each with three tasks (`digit` 10 classes, `parity` 2, `loops` 3):
@@ -42,7 +50,9 @@ of its bytes). `--json` has every number, per seed and per epoch.
 `--quick` (CI): MNIST only, 800 training images, 3 epochs, 1 seed, T in {1, 4}, dense float32
 vs top-3 float16 at T = 4; it asserts only what such a run supports (the softmax matches the
 server's, the KD loss decreases, compressed and dense targets agree within a tolerance, the top-3
-float16 response is smaller than the dense float32 one).
+float16 response is smaller than the dense float32 one), then a 2-epoch consistent-augmentation
+plan on 800 images (the teacher asked once per fresh view, DKD + uncertainty weights + mixup above
+twice chance, the int8 copy under a third of the float size).
 """
 
 from __future__ import annotations

@@ -17,12 +17,26 @@ from bench.common import (
     DEFAULT_REPOSITORY,
     REPO_ROOT,
     ensure_repository,
+    format_table,
     machine_summary,
     teacher_process,
     write_json,
 )
+from bench.distill_eval.consistent import Row, evaluate_consistent, full_plan, quick_plan
+from bench.distill_eval.consistent_report import (
+    INT8_HEADERS,
+    TABLE_HEADERS,
+    int8_summary,
+    markdown_table,
+    read_log,
+    table,
+)
+from bench.distill_eval.consistent_report import checks as consistent_checks
+from bench.distill_eval.consistent_report import describe_checks as consistent_check_lines
 from bench.distill_eval.data import (
     BATCH_SIZE,
+    CONSISTENT_QUICK_SMOKE_ACCURACY,
+    CONSISTENT_QUICK_TRAIN,
     DIGITS_PLAN,
     LR,
     MNIST_PLAN,
@@ -194,8 +208,91 @@ def run_quick(repository: Path) -> dict[str, Any]:
         "top3_f16": top3_b,
         "holds": all(top3_b[key] < dense_b[key] for key in dense_b),
     }
+    consistent = run_consistent(repository, [0], CONSISTENT_QUICK_TRAIN, None)
+    checks.update(consistent_quick_checks(consistent))
     result["checks"] = checks
-    return {"mode": "quick", "datasets": {"mnist": result}, "checks": checks}
+    return {
+        "mode": "quick",
+        "datasets": {"mnist": result},
+        "consistent": consistent,
+        "checks": checks,
+    }
+
+
+def run_consistent(
+    repository: Path,
+    seeds: Sequence[int],
+    n_train: int | None,
+    log: Path | None,
+    epochs: int = 20,
+    long_epochs: int = 100,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """The consistent-augmentation rows (`bench.distill_eval.consistent`) on MNIST: the full plan,
+    or with `n_train` the quick one (2 epochs). `resume`: keep the runs already in `log`."""
+    data = mnist_dataset(n_train)
+    plan = quick_plan() if n_train is not None else full_plan(epochs, long_epochs)
+    done = []
+    if resume and log is not None and log.exists():
+        done = [line for line in read_log(log) if "key" in line]
+        say(f"[consistent] resuming: {len(done)} runs already in {log}")
+    with (
+        teacher_process(ensure_repository(repository), serve_args()) as teacher,
+        torch_threads(1),
+        tempfile.TemporaryDirectory(prefix="distill-int8-") as int8_dir,
+    ):
+        result = evaluate_consistent(
+            plan, data, teacher.grpc_address, seeds, log, Path(int8_dir), done
+        )
+    describe_consistent(result)
+    return result
+
+
+def describe_consistent(result: dict[str, Any]) -> None:
+    records = result["records"]
+    say(f"\n[consistent] teacher held-out {result['teacher']['accuracy']}")
+    say(format_table(TABLE_HEADERS, table(result["plan"]["rows"], records)))
+    int8 = int8_summary(records)
+    if int8:
+        say(format_table(INT8_HEADERS, int8))
+    for line in consistent_check_lines(result["checks"]):
+        say(f"[consistent] {line}")
+
+
+def consistent_quick_checks(result: dict[str, Any]) -> dict[str, Any]:
+    """What 2 epochs on 800 images support: the teacher was asked about every fresh view once
+    (online rows reuse one answer per view; cached views are the epoch-1 answers), the online
+    KD loss falls, DKD + uncertainty weighting + mixup leaves chance, the int8 copy is under a
+    third of the float student's size."""
+    by_row = {r["key"]: r for r in result["records"]}
+    plan = quick_plan()
+    n, epochs = result["plan"]["train_samples"], plan.epochs
+    augmented = {r.augment for r in plan.rows if r.targets != "hard"}
+    expected = n * epochs * len(augmented)
+    online = by_row[plan.checks[0].distilled.key]
+    smoke = by_row[Row("online", "shift+mixup", epochs, "dkd", "uncertainty").key]
+    int8 = online["int8"]
+    return {
+        "consistent_teacher_asked_once_per_view": {
+            "teacher_samples": result["teacher_samples"],
+            "expected": expected,
+            "holds": result["teacher_samples"] == expected,
+        },
+        "consistent_online_kd_loss_decreases": {
+            "loss_per_epoch": online["loss_per_epoch"],
+            "holds": online["loss_per_epoch"][-1] < online["loss_per_epoch"][0],
+        },
+        "dkd_uncertainty_mixup_leaves_chance": {
+            "digit_accuracy": smoke["accuracy"]["digit"],
+            "chance": 0.1,
+            "holds": smoke["accuracy"]["digit"] > CONSISTENT_QUICK_SMOKE_ACCURACY,
+        },
+        "int8_under_a_third": {
+            "float_bytes": int8["float_bytes"],
+            "int8_bytes": int8["int8_bytes"],
+            "holds": int8["int8_bytes"] < int8["float_bytes"] / 3,
+        },
+    }
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -223,7 +320,51 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="no training: print the tables and draw the plots of a saved full run's JSON",
     )
+    parser.add_argument(
+        "--consistent",
+        action="store_true",
+        help="only the consistent-augmentation rows of issue 21 (MNIST; see consistent.py)",
+    )
+    parser.add_argument(
+        "--long-epochs", type=int, default=100, help="the long schedule of --consistent"
+    )
+    parser.add_argument(
+        "--log", type=Path, help="--consistent: append each run's record here (JSON lines)"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="--consistent: keep the runs already in --log"
+    )
+    parser.add_argument(
+        "--from-log",
+        type=Path,
+        help="no training: the --consistent tables and checks of a (maybe partial) --log file",
+    )
     return parser.parse_args(argv)
+
+
+def consistent_from_log(path: Path, long_epochs: int) -> dict[str, Any]:
+    """The tables and checks of a --consistent run's log (the runs that finished)."""
+    lines = list(read_log(path))
+    teacher = next(line["teacher"] for line in lines if "teacher" in line)
+    records = [line for line in lines if "key" in line]
+    plan = full_plan(long_epochs=long_epochs)
+    result = {
+        "records": records,
+        "teacher": teacher,
+        "plan": {"rows": [row.key for row in plan.rows]},
+        "checks": consistent_checks(plan, records, teacher["accuracy"]["digit"]),
+    }
+    describe_consistent(result)
+    return result
+
+
+def consistent_markdown(result: dict[str, Any]) -> str:
+    parts = [markdown_table(TABLE_HEADERS, table(result["plan"]["rows"], result["records"]))]
+    int8 = int8_summary(result["records"])
+    if int8:
+        parts.append(markdown_table(INT8_HEADERS, int8))
+    parts.append("\n".join(f"- {line}" for line in consistent_check_lines(result["checks"])))
+    return "\n\n".join(parts) + "\n"
 
 
 def describe_checks(name: str, result: dict[str, Any]) -> None:
@@ -275,6 +416,11 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.from_log:
+        found = consistent_from_log(args.from_log, args.long_epochs)
+        if args.markdown:
+            args.markdown.write_text(consistent_markdown(found))
+        return found
     if args.from_json:
         import json
 
@@ -287,6 +433,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     command = " ".join(["python -m bench.distill_eval", *(sys.argv[1:] if argv is None else argv)])
     if args.quick:
         out = run_quick(args.repository.resolve())
+    elif args.consistent:
+        consistent = run_consistent(
+            args.repository.resolve(),
+            range(args.seeds),
+            None,
+            args.log,
+            long_epochs=args.long_epochs,
+            resume=args.resume,
+        )
+        out = {"mode": "consistent", "seeds": list(range(args.seeds)), "consistent": consistent}
+        if args.markdown:
+            args.markdown.write_text(consistent_markdown(consistent))
     else:
         datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
         out = run_full(args.repository.resolve(), range(args.seeds), datasets, args.json)
@@ -298,7 +456,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         write_json(args.json, out)
     if args.quick:
         say("\nquick checks: " + ", ".join(f"{k} {v['holds']}" for k, v in out["checks"].items()))
-    else:
+    elif not args.consistent:
         report(out, args.img_dir, args.markdown)
     say(f"total {out['seconds']:.0f} s")
     return out

@@ -163,6 +163,18 @@ def augment_batch(
     return AugmentedBatch(mixed, labels, partner, own)
 
 
+def augment_epoch(
+    batches: Iterable[tuple[torch.Tensor | np.ndarray, Mapping[str, torch.Tensor]]],
+    augmentation: Augmentation,
+    seed: int,
+) -> Iterator[AugmentedBatch]:
+    """`(inputs, labels)` batches -> `AugmentedBatch`es (with each mixed row's partner and
+    weight), seeded by `seed`: the views `augmented_batches` yields for the same arguments."""
+    rng = np.random.default_rng([_STREAM, seed])
+    for inputs, labels in batches:
+        yield augment_batch(inputs, labels, augmentation, rng)
+
+
 def augmented_batches(
     batches: Iterable[tuple[torch.Tensor | np.ndarray, Mapping[str, torch.Tensor]]],
     augmentation: Augmentation,
@@ -171,7 +183,5 @@ def augmented_batches(
     """`(inputs, labels)` batches -> augmented `(inputs, training labels)` batches, seeded by
     `seed` (give a new one per epoch for new views). Feed them to `SoftTargetLoader` so the
     teacher answers for these very views; labels are empty for mixed batches (pure KD)."""
-    rng = np.random.default_rng([_STREAM, seed])
-    for inputs, labels in batches:
-        augmented = augment_batch(inputs, labels, augmentation, rng)
+    for augmented in augment_epoch(batches, augmentation, seed):
         yield augmented.inputs, augmented.training_labels()

@@ -29,7 +29,7 @@ def test_settings_and_task_groups() -> None:
     assert distill_eval.task_groups(tasks, 5) == {5: ["digit"], 2: ["parity"], 3: ["loops"]}
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(360)
 def test_quick_run(default_repository: Path, tmp_path: Path) -> None:
     out_path = tmp_path / "distill-quick.json"
     result = distill_eval.main(
@@ -66,3 +66,23 @@ def test_quick_run(default_repository: Path, tmp_path: Path) -> None:
     assert top3["digit_payload"] == 13
     assert dense["digit_b64"] > 40 and top3["digit_b64"] > 13
     assert top3["all_b64"] < dense["all_b64"]
+
+    # Consistent augmentation (issue 21), 2 epochs on 800 images.
+    consistent = saved["consistent"]
+    records = {r["key"]: r for r in consistent["records"]}
+    assert set(records) == {
+        "h512/kd/shift/online/e2",
+        "h512/hard/shift/e2",
+        "h512/kd/shift/cached/e2",
+        "h512/dkd+uw/shift+mixup/online/e2",
+        "h64-256/kd+fsp/shift/online/e2",
+    }
+    # The teacher was asked about each fresh view once: 2 epochs of shifted views and 2 of
+    # shifted and mixed-up views, 800 each; the cached-views student reused epoch 1's answers.
+    assert consistent["teacher_samples"] == 2 * 800 + 2 * 800
+    # DKD + uncertainty weighting + mixup leaves chance (10 %) behind.
+    assert records["h512/dkd+uw/shift+mixup/online/e2"]["accuracy"]["digit"] > 0.2
+    # The int8 copy: packed int8 weights, a quarter of the float student's bytes plus scales.
+    int8 = records["h512/kd/shift/online/e2"]["int8"]
+    assert int8["int8_bytes"] < int8["float_bytes"] / 3
+    assert abs(int8["int8_accuracy"]["digit"] - int8["float_accuracy"]["digit"]) <= 0.02

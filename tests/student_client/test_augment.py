@@ -12,6 +12,7 @@ from student_client.training.augment import (
     AUGMENTATIONS,
     Augmentation,
     augment_batch,
+    augment_epoch,
     augmented_batches,
     shift,
 )
@@ -105,6 +106,23 @@ def test_mixup_and_cutmix_weights_and_pixels() -> None:
         assert bool((own | theirs).all())
         box = (~own).float().mean(dim=(1, 2, 3))  # pixels that visibly came from the partner
         assert bool((box <= 1 - cut.weight + 1e-9).all())
+
+
+def test_augment_epoch_gives_the_loader_views_with_partners_and_weights() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand((40, 1, 8, 8), generator=generator).numpy()
+    batches = _batches(images, 16)
+    augmentation = Augmentation.parse("shift+mixup")
+    full = list(augment_epoch(batches, augmentation, seed=7))
+    plain = list(augmented_batches(batches, augmentation, seed=7))
+    assert len(full) == len(plain) == 3
+    for view, (inputs, labels) in zip(full, plain, strict=True):
+        assert torch.equal(view.inputs, inputs) and labels == {}
+        assert view.partner is not None and view.weight is not None
+        # The labels are kept for a caller who mixes the two labels' losses itself.
+        assert set(view.labels) == {"digit"} and len(view.labels["digit"]) == len(inputs)
+    shifted = list(augment_epoch(batches, Augmentation.parse("shift"), seed=7))
+    assert all(view.partner is None and view.weight is None for view in shifted)
 
 
 def test_teacher_answers_for_the_exact_augmented_pixels(teacher, mnist_test_images) -> None:  # type: ignore[no-untyped-def]
