@@ -21,6 +21,7 @@ from bench.common import (
     teacher_process,
     write_json,
 )
+from bench.distill_eval import sequence
 from bench.distill_eval.data import (
     BATCH_SIZE,
     DIGITS_PLAN,
@@ -223,6 +224,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="no training: print the tables and draw the plots of a saved full run's JSON",
     )
+    sequence.add_arguments(parser)  # the LM rows: bench/distill_eval/sequence.py
     return parser.parse_args(argv)
 
 
@@ -275,6 +277,8 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.sequence:
+        return sequence.run(args)
     if args.from_json:
         import json
 

@@ -36,7 +36,11 @@ from student_client.online.token_loader import TokenTargetLoader
 from student_client.teacher_process import TeacherProcess
 from student_client.training.lm_models import TinyCausalLM
 from student_client.training.models import parameter_count
-from student_client.training.sequence_losses import TokenForwardKLLoss, real_token_logits
+from student_client.training.sequence_losses import (
+    TokenForwardKLLoss,
+    TokenReverseKLLoss,
+    real_token_logits,
+)
 from student_client.training.text_data import (
     DEFAULT_SEQUENCE_MODEL_NAME,
     LM_TASK,
@@ -170,9 +174,11 @@ def fit_lm(
     lr: float,
     description: str,
     progress: bool,
+    evaluate_every: int = 1,
 ) -> list[LMEpochRecord]:
     """Train with AdamW (gradients clipped at 1); one record per epoch. A progress bar only on a
-    terminal (in a log every refresh would be written out), a line per epoch otherwise."""
+    terminal (in a log every refresh would be written out), a line per epoch otherwise.
+    Held-out perplexity after every `evaluate_every`-th epoch and the last (NaN in the others)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     history = []
     for epoch in range(1, epochs + 1):
@@ -203,7 +209,9 @@ def fit_lm(
             float(np.mean(losses)),
             seconds,
             tokens / max(seconds, 1e-9),
-            perplexity(model, held_out),
+            perplexity(model, held_out)
+            if epoch % evaluate_every == 0 or epoch == epochs
+            else float("nan"),
         )
         history.append(record)
         if progress:
@@ -227,7 +235,8 @@ def hard_label_loss(
 def top_k_distillation_loss(
     kd: TokenForwardKLLoss,
 ) -> Callable[[torch.Tensor, TokenBatch, np.ndarray, SoftTargets | None], torch.Tensor]:
-    """`kd` on the teacher's top-k log-probabilities and tail mass, mixed with the CE by alpha."""
+    """`kd` on the teacher's top-k log-probabilities and tail mass (or its dense rows, when the
+    answer has no indices), mixed with the CE by alpha."""
 
     def loss(
         logits: torch.Tensor, batch: TokenBatch, targets: np.ndarray, answer: SoftTargets | None
@@ -235,17 +244,54 @@ def top_k_distillation_loss(
         if answer is None:
             raise ValueError("distillation needs the teacher's answer beside each batch")
         rows = answer.outputs[LM_TASK]
-        assert rows.indices is not None and rows.tail_mass is not None
+        sparse = rows.indices is not None
+        if sparse and rows.tail_mass is None:
+            raise ValueError("top-k distillation needs the teacher's tail mass (probs/log_probs)")
         return kd(
             logits,
-            answer.tensor(LM_TASK),  # (tokens, k) log-probabilities at T
-            torch.from_numpy(np.array(rows.indices)),  # (tokens, k), a copy
-            torch.from_numpy(np.array(rows.tail_mass, dtype=np.float32)),  # (tokens,), a copy
+            answer.tensor(LM_TASK),  # (tokens, k or V) log-probabilities at T
+            torch.from_numpy(np.array(rows.indices)) if sparse else None,  # (tokens, k), a copy
+            torch.from_numpy(np.array(rows.tail_mass, dtype=np.float32)) if sparse else None,
             lengths=torch.from_numpy(batch.lengths),
             labels=torch.from_numpy(targets),
         )
 
     return loss
+
+
+def scored_distillation_loss(
+    kd: TokenReverseKLLoss,
+) -> Callable[[torch.Tensor, TokenBatch, np.ndarray, SoftTargets | None], torch.Tensor]:
+    """`kd` (reverse KL) on the teacher's log-probabilities at the ids the student chose
+    (`TokenBatch.scored_ids`, answered as `scored_values`), mixed with the CE by alpha."""
+
+    def loss(
+        logits: torch.Tensor, batch: TokenBatch, targets: np.ndarray, answer: SoftTargets | None
+    ) -> torch.Tensor:
+        if answer is None or batch.scored_ids is None:
+            raise ValueError("reverse KL needs the student's scored ids and the teacher's answer")
+        scored = answer.outputs[LM_TASK].scored_values
+        if scored is None:
+            raise ValueError("reverse KL: the teacher's answer has no scored_values")
+        return kd(
+            logits,
+            torch.from_numpy(np.array(scored, dtype=np.float32)),  # (tokens, m), a copy
+            torch.from_numpy(np.asarray(batch.scored_ids, dtype=np.int64)),  # (tokens, m)
+            lengths=torch.from_numpy(batch.lengths),
+            labels=torch.from_numpy(targets),
+        )
+
+    return loss
+
+
+def lm_student(
+    split: TextSplit, dim: int, layers: int, attention_heads: int, dropout: float, seed: int
+) -> TinyCausalLM:
+    """The LM student for `split`'s windows, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return TinyCausalLM(
+        split.vocab_size, int(split.train.ids.shape[1] - 1), dim, layers, attention_heads, dropout
+    )
 
 
 def train_students(
@@ -258,17 +304,15 @@ def train_students(
 ) -> None:
     """The same student (same seed, same batches in the same order) on hard labels, then
     distilled; `student_threads`: torch threads for each (the teacher is idle in the first)."""
-    max_length = int(split.train.ids.shape[1] - 1)
 
     def student() -> TinyCausalLM:
-        torch.manual_seed(settings.seed)
-        return TinyCausalLM(
-            split.vocab_size,
-            max_length,
+        return lm_student(
+            split,
             settings.dim,
             settings.layers,
             settings.attention_heads,
             settings.dropout,
+            settings.seed,
         )
 
     def epoch_rows(epoch: int) -> Iterable[np.ndarray]:
