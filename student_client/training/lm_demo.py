@@ -60,7 +60,7 @@ LMBatch = tuple[TokenBatch, np.ndarray, SoftTargets | None]
 class LMDemoSettings:
     """The defaults are the quickstart's settings (docs/results.md)."""
 
-    epochs: int = 8
+    epochs: int = 4
     seed: int = 0
     temperature: float = 1.0
     top_k: int = 32

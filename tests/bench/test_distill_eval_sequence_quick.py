@@ -27,10 +27,10 @@ def test_run_keys() -> None:
     plan = sequence.full_plan([0, 1, 2], 8, 1.0, 64)
     assert [c.key for c in plan] == [
         "d64/hard",
-        "d64/fwd-top8/T1",
         "d64/fwd-top32/T1",
-        "d64/fwd-top128/T1",
         "d64/fwd-dense/T1",
+        "d64/fwd-top8/T1",
+        "d64/fwd-top128/T1",
         "d64/rev-m32/T1",
     ]
 
