@@ -513,8 +513,37 @@ def offline_check(
     return result
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """The rows as a Markdown table: mean +- sample std of held-out perplexity over seeds."""
+    lines = [
+        "| student | targets | parameters | held-out perplexity (mean ± std) | per seed | s / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, row in sorted(out["summary"].items(), key=lambda item: item[1]["mean"]):
+        dim, *rest = key.split("/")
+        per_seed = ", ".join(f"{p:.1f}" for p in row["perplexity"])
+        lines.append(
+            f"| {dim} | {'/'.join(rest)} | {row['parameters']:,} | {row['mean']:.1f} ± "
+            f"{row['std']:.1f} | {per_seed} | {row['seconds_mean']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def report(out: dict[str, Any], markdown_path: Path | None) -> None:
+    print_table(out)
+    if markdown_path is not None:
+        markdown_path.parent.mkdir(parents=True, exist_ok=True)
+        markdown_path.write_text(markdown(out))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """The sequence evaluation in the mode `args` asks for (full, `--sweep` or `--quick`)."""
+    if args.from_json:  # no training: the tables of a saved run
+        saved: dict[str, Any] = json.loads(args.from_json.read_text())
+        saved["summary"] = summarize(saved["runs"])  # an interrupted run's checkpoint has none
+        saved.setdefault("checks", {})
+        report(saved, args.markdown)
+        return saved
     started = time.perf_counter()
     machine = machine_summary()
     mode = "quick" if args.quick else "sweep" if args.sweep else "full"
@@ -584,7 +613,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out["checks"].update(quick_checks(out))
     out["machine_after"] = machine_summary()
     out["seconds"] = round(time.perf_counter() - started, 1)
-    print_table(out)
+    report(out, args.markdown)
     if args.json is not None:
         write_json(args.json, out)
     return out
