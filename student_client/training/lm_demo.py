@@ -104,6 +104,11 @@ class LMDemoResult:
     seconds: dict[str, float] = field(default_factory=dict)
 
 
+def targets_label(top_k: int) -> str:
+    """`top-32`, or `dense rows` for top_k 0."""
+    return f"top-{top_k}" if top_k else "dense rows"
+
+
 def say(message: str = "") -> None:
     print(message, flush=True)
 
@@ -358,7 +363,7 @@ def train_students(
     )
     result.seconds["hard_student"] = round(time.perf_counter() - started, 1)
     say(
-        f"The same student distilled from the remote teacher's top-{settings.top_k} "
+        f"The same student distilled from the remote teacher's {targets_label(settings.top_k)} "
         f"(T={settings.temperature:g}, alpha={settings.alpha:g}, forward KL + CE, over gRPC)"
     )
     torch.set_num_threads(student_threads[1])
@@ -433,7 +438,8 @@ def plot(result: LMDemoResult, path: Path) -> None:
     settings = result.settings
     axis.set_title(
         f"Python docs LM: the same student, hard labels vs distilled "
-        f"(top-{settings['top_k']}, T={settings['temperature']}, alpha={settings['alpha']})"
+        f"({targets_label(int(settings['top_k']))}, T={settings['temperature']}, "  # type: ignore[call-overload]
+        f"alpha={settings['alpha']})"
     )
     axis.legend()
     axis.grid(alpha=0.3, which="both")
@@ -538,7 +544,7 @@ def run_lm_demo(settings: LMDemoSettings) -> LMDemoResult:
     (settings.out / "result.json").write_text(json.dumps(asdict(result), indent=2))
     say(
         f"\nHeld-out perplexity after {settings.epochs} epoch(s) (seed {settings.seed}; student "
-        f"dim {settings.dim}, {settings.layers} layer(s); top-{settings.top_k}, "
+        f"dim {settings.dim}, {settings.layers} layer(s); {targets_label(settings.top_k)}, "
         f"T={settings.temperature:g}, alpha={settings.alpha:g}):\n"
     )
     say(summary_table(result))
