@@ -22,6 +22,7 @@ from bench.common import (
     teacher_process,
     write_json,
 )
+from bench.distill_eval import sequence
 from bench.distill_eval.consistent import Row, evaluate_consistent, full_plan, quick_plan
 from bench.distill_eval.consistent_report import (
     INT8_HEADERS,
@@ -339,6 +340,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="no training: the --consistent tables and checks of a (maybe partial) --log file",
     )
+    sequence.add_arguments(parser)  # the LM rows: bench/distill_eval/sequence.py
     return parser.parse_args(argv)
 
 
@@ -416,6 +418,8 @@ def report(
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.sequence:
+        return sequence.run(args)
     if args.from_log:
         found = consistent_from_log(args.from_log, args.long_epochs)
         if args.markdown:

@@ -36,7 +36,11 @@ from student_client.online.token_loader import TokenTargetLoader
 from student_client.teacher_process import TeacherProcess
 from student_client.training.lm_models import TinyCausalLM
 from student_client.training.models import parameter_count
-from student_client.training.sequence_losses import TokenForwardKLLoss, real_token_logits
+from student_client.training.sequence_losses import (
+    TokenForwardKLLoss,
+    TokenReverseKLLoss,
+    real_token_logits,
+)
 from student_client.training.text_data import (
     DEFAULT_SEQUENCE_MODEL_NAME,
     LM_TASK,
@@ -56,7 +60,7 @@ LMBatch = tuple[TokenBatch, np.ndarray, SoftTargets | None]
 class LMDemoSettings:
     """The defaults are the quickstart's settings (docs/results.md)."""
 
-    epochs: int = 8
+    epochs: int = 4
     seed: int = 0
     temperature: float = 1.0
     top_k: int = 32
@@ -98,6 +102,11 @@ class LMDemoResult:
     distilled: list[LMEpochRecord] = field(default_factory=list)
     loader_batches: list[dict[str, int]] = field(default_factory=list)  # per distilled epoch
     seconds: dict[str, float] = field(default_factory=dict)
+
+
+def targets_label(top_k: int) -> str:
+    """`top-32`, or `dense rows` for top_k 0."""
+    return f"top-{top_k}" if top_k else "dense rows"
 
 
 def say(message: str = "") -> None:
@@ -170,9 +179,11 @@ def fit_lm(
     lr: float,
     description: str,
     progress: bool,
+    evaluate_every: int = 1,
 ) -> list[LMEpochRecord]:
     """Train with AdamW (gradients clipped at 1); one record per epoch. A progress bar only on a
-    terminal (in a log every refresh would be written out), a line per epoch otherwise."""
+    terminal (in a log every refresh would be written out), a line per epoch otherwise.
+    Held-out perplexity after every `evaluate_every`-th epoch and the last (NaN in the others)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     history = []
     for epoch in range(1, epochs + 1):
@@ -203,7 +214,9 @@ def fit_lm(
             float(np.mean(losses)),
             seconds,
             tokens / max(seconds, 1e-9),
-            perplexity(model, held_out),
+            perplexity(model, held_out)
+            if epoch % evaluate_every == 0 or epoch == epochs
+            else float("nan"),
         )
         history.append(record)
         if progress:
@@ -227,7 +240,8 @@ def hard_label_loss(
 def top_k_distillation_loss(
     kd: TokenForwardKLLoss,
 ) -> Callable[[torch.Tensor, TokenBatch, np.ndarray, SoftTargets | None], torch.Tensor]:
-    """`kd` on the teacher's top-k log-probabilities and tail mass, mixed with the CE by alpha."""
+    """`kd` on the teacher's top-k log-probabilities and tail mass (or its dense rows, when the
+    answer has no indices), mixed with the CE by alpha."""
 
     def loss(
         logits: torch.Tensor, batch: TokenBatch, targets: np.ndarray, answer: SoftTargets | None
@@ -235,17 +249,54 @@ def top_k_distillation_loss(
         if answer is None:
             raise ValueError("distillation needs the teacher's answer beside each batch")
         rows = answer.outputs[LM_TASK]
-        assert rows.indices is not None and rows.tail_mass is not None
+        sparse = rows.indices is not None
+        if sparse and rows.tail_mass is None:
+            raise ValueError("top-k distillation needs the teacher's tail mass (probs/log_probs)")
         return kd(
             logits,
-            answer.tensor(LM_TASK),  # (tokens, k) log-probabilities at T
-            torch.from_numpy(np.array(rows.indices)),  # (tokens, k), a copy
-            torch.from_numpy(np.array(rows.tail_mass, dtype=np.float32)),  # (tokens,), a copy
+            answer.tensor(LM_TASK),  # (tokens, k or V) log-probabilities at T
+            torch.from_numpy(np.array(rows.indices)) if sparse else None,  # (tokens, k), a copy
+            torch.from_numpy(np.array(rows.tail_mass, dtype=np.float32)) if sparse else None,
             lengths=torch.from_numpy(batch.lengths),
             labels=torch.from_numpy(targets),
         )
 
     return loss
+
+
+def scored_distillation_loss(
+    kd: TokenReverseKLLoss,
+) -> Callable[[torch.Tensor, TokenBatch, np.ndarray, SoftTargets | None], torch.Tensor]:
+    """`kd` (reverse KL) on the teacher's log-probabilities at the ids the student chose
+    (`TokenBatch.scored_ids`, answered as `scored_values`), mixed with the CE by alpha."""
+
+    def loss(
+        logits: torch.Tensor, batch: TokenBatch, targets: np.ndarray, answer: SoftTargets | None
+    ) -> torch.Tensor:
+        if answer is None or batch.scored_ids is None:
+            raise ValueError("reverse KL needs the student's scored ids and the teacher's answer")
+        scored = answer.outputs[LM_TASK].scored_values
+        if scored is None:
+            raise ValueError("reverse KL: the teacher's answer has no scored_values")
+        return kd(
+            logits,
+            torch.from_numpy(np.array(scored, dtype=np.float32)),  # (tokens, m), a copy
+            torch.from_numpy(np.asarray(batch.scored_ids, dtype=np.int64)),  # (tokens, m)
+            lengths=torch.from_numpy(batch.lengths),
+            labels=torch.from_numpy(targets),
+        )
+
+    return loss
+
+
+def lm_student(
+    split: TextSplit, dim: int, layers: int, attention_heads: int, dropout: float, seed: int
+) -> TinyCausalLM:
+    """The LM student for `split`'s windows, initialised from `seed`."""
+    torch.manual_seed(seed)
+    return TinyCausalLM(
+        split.vocab_size, int(split.train.ids.shape[1] - 1), dim, layers, attention_heads, dropout
+    )
 
 
 def train_students(
@@ -258,17 +309,15 @@ def train_students(
 ) -> None:
     """The same student (same seed, same batches in the same order) on hard labels, then
     distilled; `student_threads`: torch threads for each (the teacher is idle in the first)."""
-    max_length = int(split.train.ids.shape[1] - 1)
 
     def student() -> TinyCausalLM:
-        torch.manual_seed(settings.seed)
-        return TinyCausalLM(
-            split.vocab_size,
-            max_length,
+        return lm_student(
+            split,
             settings.dim,
             settings.layers,
             settings.attention_heads,
             settings.dropout,
+            settings.seed,
         )
 
     def epoch_rows(epoch: int) -> Iterable[np.ndarray]:
@@ -314,7 +363,7 @@ def train_students(
     )
     result.seconds["hard_student"] = round(time.perf_counter() - started, 1)
     say(
-        f"The same student distilled from the remote teacher's top-{settings.top_k} "
+        f"The same student distilled from the remote teacher's {targets_label(settings.top_k)} "
         f"(T={settings.temperature:g}, alpha={settings.alpha:g}, forward KL + CE, over gRPC)"
     )
     torch.set_num_threads(student_threads[1])
@@ -389,7 +438,8 @@ def plot(result: LMDemoResult, path: Path) -> None:
     settings = result.settings
     axis.set_title(
         f"Python docs LM: the same student, hard labels vs distilled "
-        f"(top-{settings['top_k']}, T={settings['temperature']}, alpha={settings['alpha']})"
+        f"({targets_label(int(settings['top_k']))}, T={settings['temperature']}, "  # type: ignore[call-overload]
+        f"alpha={settings['alpha']})"
     )
     axis.legend()
     axis.grid(alpha=0.3, which="both")
@@ -494,7 +544,7 @@ def run_lm_demo(settings: LMDemoSettings) -> LMDemoResult:
     (settings.out / "result.json").write_text(json.dumps(asdict(result), indent=2))
     say(
         f"\nHeld-out perplexity after {settings.epochs} epoch(s) (seed {settings.seed}; student "
-        f"dim {settings.dim}, {settings.layers} layer(s); top-{settings.top_k}, "
+        f"dim {settings.dim}, {settings.layers} layer(s); {targets_label(settings.top_k)}, "
         f"T={settings.temperature:g}, alpha={settings.alpha:g}):\n"
     )
     say(summary_table(result))
