@@ -27,6 +27,8 @@ import numpy as np
 from kserve.protocol.grpc import grpc_predict_v2_pb2 as v2
 from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as v2_grpc
 
+from bench.sequential_timing import time_sequential
+
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
@@ -73,28 +75,6 @@ def grpc_decode(response: v2.ModelInferResponse) -> dict[str, np.ndarray]:
         out.name: np.frombuffer(raw, dtype=np.float32).reshape(list(out.shape))
         for out, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-
-
-def time_sequential(
-    call: Callable[[np.ndarray], Any], batches: list[np.ndarray], args: argparse.Namespace
-) -> dict[str, Any]:
-    """One request in flight: warm-up, then timed until `duration` (at least 3 calls)."""
-    warm_end = time.perf_counter() + args.warmup
-    for i in range(args.max_calls):
-        call(batches[i % len(batches)])
-        if time.perf_counter() >= warm_end and i >= 1:
-            break
-    latencies, samples = [], 0
-    start = time.perf_counter()
-    for i in range(args.max_calls):
-        sent = time.perf_counter()
-        call(batches[i % len(batches)])
-        done = time.perf_counter()
-        latencies.append(done - sent)
-        samples += len(batches[0])
-        if done - start >= args.duration and len(latencies) >= 3:
-            break
-    return {"latencies_s": latencies, "samples": samples, "seconds": time.perf_counter() - start}
 
 
 def time_in_flight(

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
+
+from bench.sequential_timing import time_sequential
 
 TEMPERATURE = 4  # an integer: int64_param over gRPC, which both servers accept
 MAX_MESSAGE = 256 * 1024 * 1024
@@ -79,28 +80,6 @@ def json_outputs(
         names = [out["name"] for out in client.get_model_metadata(model)["outputs"]]
         _OUTPUTS[model] = [triton_http.InferRequestedOutput(n, binary_data=False) for n in names]
     return _OUTPUTS[model]
-
-
-def time_sequential(
-    call: Callable[[np.ndarray], Any], batches: list[np.ndarray], args: argparse.Namespace
-) -> dict[str, Any]:
-    """One request in flight: warm-up, then timed until `duration` (at least 3 calls)."""
-    warm_end = time.perf_counter() + args.warmup
-    for i in range(args.max_calls):
-        call(batches[i % len(batches)])
-        if time.perf_counter() >= warm_end and i >= 1:
-            break
-    latencies, samples = [], 0
-    start = time.perf_counter()
-    for i in range(args.max_calls):
-        sent = time.perf_counter()
-        call(batches[i % len(batches)])
-        done = time.perf_counter()
-        latencies.append(done - sent)
-        samples += len(batches[0])
-        if done - start >= args.duration and len(latencies) >= 3:
-            break
-    return {"latencies_s": latencies, "samples": samples, "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
