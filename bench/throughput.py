@@ -29,7 +29,10 @@ f. With `--kserve` (or alone with `--tritonclient-only`): one request at a time 
    venv (`bench/kserve_tritonclient.py`), against our server and KServe, both serving the light
    teacher at once with torch at one thread, cell by cell in turn (each batch size and protocol:
    ours then KServe, reversed every other round), `--triton-rounds` rounds; plus our own v1
-   unary (TeacherClient) at the same batch sizes.
+   unary (TeacherClient) at the same batch sizes. A third server in the same run,
+   `bench/replay_server.py`, answers each request with our teacher's captured answer and does no
+   work: its cells are the floor (Python gRPC/HTTP, loopback and the client), and floor / KServe
+   the highest ratio over KServe any Python server could show here.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -619,6 +623,43 @@ def wait_kserve_ready(
     raise RuntimeError(f"KServe not ready within {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+@contextlib.contextmanager
+def replay_process(
+    grpc_address: str, http_url: str, timeout: float = 60.0
+) -> Iterator[tuple[str, str]]:
+    """bench/replay_server.py in front of the teacher at (`grpc_address`, `http_url`); yields its
+    own (http_url, grpc_address) once it listens."""
+    with tempfile.TemporaryDirectory(prefix="bench-replay-") as folder:
+        port_file = Path(folder) / "ports.json"
+        log_path = Path(folder) / "replay.log"
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "bench.replay_server",
+                    "--upstream-grpc", grpc_address,
+                    "--upstream-http", http_url,
+                    "--port-file", str(port_file),
+                ],
+                cwd=REPO_ROOT, stdout=log, stderr=log, env={**os.environ, **ONE_THREAD_ENV},
+            )  # fmt: skip
+            try:
+                deadline = time.monotonic() + timeout
+                while not port_file.exists():
+                    if process.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError(f"replay server did not start:\n{log_path.read_text()}")
+                    time.sleep(0.05)
+                ports = json.loads(port_file.read_text())
+                yield f"http://127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}"
+            finally:
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    try:
+                        process.wait(20)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait()
+
+
 def kserve_measurements(
     python: Path,
     http_url: str,
@@ -897,45 +938,53 @@ def tritonclient_measurements(
 
 @dataclass
 class TritonComparison:
-    """Section f: per round, our server's and KServe's cells measured by the same tritonclient
-    script, cell by cell in turn, both servers up (light teacher, torch at one thread in both);
-    plus our own v1 unary (TeacherClient) at every batch size."""
+    """Section f: per round, our server's, KServe's and the replay floor's cells measured by the
+    same tritonclient script, cell by cell in turn, all three up (light teacher, torch at one
+    thread in both model servers); plus our own v1 unary (TeacherClient) at every batch size,
+    against our server and against the replay floor."""
 
     version: str | None
-    rounds: list[dict[str, Cells]]  # [{"ours": cells, "kserve": cells}, ...]
-    v1_unary: list[Cells]  # per round {"v1 unary": {size: m}}
+    rounds: list[dict[str, Cells]]  # [{"ours": cells, "kserve": cells, "floor": cells}, ...]
+    v1_unary: list[Cells]  # per round {"v1 unary": {size: m}, "v1 unary floor": {size: m}}
 
-    def ratios(self, cell: str, size: int) -> list[float]:
+    def ratios(self, cell: str, size: int, server: str = "ours") -> list[float]:
+        """`server`'s samples/s over KServe's in each round ("floor": the highest ratio a server
+        doing no work reached)."""
         return [
-            ratio(r["ours"][cell][size].samples_per_s, r["kserve"][cell][size].samples_per_s)
+            ratio(r[server][cell][size].samples_per_s, r["kserve"][cell][size].samples_per_s)
             for r in self.rounds
         ]
 
-    def v1_unary_p50_ms(self, size: int = 1) -> float:
-        """The best (lowest) round's median latency of our v1 unary at `size`."""
-        return min(r["v1 unary"][size].p50_ms for r in self.v1_unary)
+    def v1_unary_p50_ms(self, size: int = 1, row: str = "v1 unary") -> float:
+        """The best (lowest) round's median latency of our v1 unary at `size` (`row` "v1 unary
+        floor": the same client against the replay floor)."""
+        return min(r[row][size].p50_ms for r in self.v1_unary)
 
     def print(self) -> None:
         rows: list[list[object]] = []
         for cell, label in TRITON_CELLS.items():
             for size in BATCH_SIZES:
                 for index, r in enumerate(self.rounds):
-                    ours, theirs = r["ours"][cell][size], r["kserve"][cell][size]
+                    ours, theirs, floor = (r[s][cell][size] for s in ("ours", "kserve", "floor"))
                     rows.append(
                         [label, size, index + 1, ours.samples_per_s, ours.p50_ms,
-                         theirs.samples_per_s, theirs.p50_ms,
-                         ratio(ours.samples_per_s, theirs.samples_per_s)]
+                         theirs.samples_per_s, theirs.p50_ms, floor.samples_per_s, floor.p50_ms,
+                         ratio(ours.samples_per_s, theirs.samples_per_s),
+                         ratio(floor.samples_per_s, theirs.samples_per_s)]
                     )  # fmt: skip
+        nan = float("nan")
         for index, unary in enumerate(self.v1_unary):
             for size in BATCH_SIZES:
-                m = unary["v1 unary"][size]
+                m, floor = unary["v1 unary"][size], unary["v1 unary floor"][size]
                 rows.append(["v1 unary (ours only)", size, index + 1, m.samples_per_s, m.p50_ms,
-                             float("nan"), float("nan"), float("nan")])  # fmt: skip
+                             nan, nan, floor.samples_per_s, floor.p50_ms, nan, nan])  # fmt: skip
         print_table(
             f"f. One request at a time, unmodified tritonclient, light teacher: ours vs KServe "
-            f"{self.version} (both up, torch 1 thread each)",
+            f"{self.version} (both up, torch 1 thread each); floor: bench/replay_server.py "
+            "(no work: our answers replayed)",
             ["client / protocol", "batch", "round", "ours samples/s", "ours p50 ms",
-             "kserve samples/s", "kserve p50 ms", "ours / kserve"],
+             "kserve samples/s", "kserve p50 ms", "floor samples/s", "floor p50 ms",
+             "ours / kserve", "floor / kserve"],
             rows,
         )  # fmt: skip
 
@@ -950,13 +999,18 @@ class TritonComparison:
                 cell: {str(size): self.ratios(cell, size) for size in BATCH_SIZES}
                 for cell in TRITON_CELLS
             },
+            "floor_ratios": {
+                cell: {str(size): self.ratios(cell, size, "floor") for size in BATCH_SIZES}
+                for cell in TRITON_CELLS
+            },
         }
 
 
 def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
-    """Section f: both servers serve the light teacher at once; one tritonclient process
-    measures them cell by cell in turn (`rounds` rounds, the order reversed every other round),
-    then our v1 unary is measured `rounds` times."""
+    """Section f: both servers serve the light teacher at once, the replay floor in front of
+    ours; one tritonclient process measures the three cell by cell in turn (`rounds` rounds, the
+    order reversed every other round), then our v1 unary, against ours and the floor, `rounds`
+    times."""
     from bench.kserve_env import ensure_kserve_venv, kserve_version
     from bench.light_teacher import LIGHT_MODEL_NAME, build_light_repository, digits_data
 
@@ -976,25 +1030,29 @@ def bench_tritonclient(budget: Budget, rounds: int = 2) -> TritonComparison:
                 kserve_grpc,
             ),
             TeacherClient(teacher.grpc_address) as client,
+            replay_process(teacher.grpc_address, teacher.http_url) as (floor_http, floor_grpc),
+            TeacherClient(floor_grpc) as floor_client,
         ):
             servers = {
                 "ours": (teacher.http_url, teacher.grpc_address),
                 "kserve": (kserve_http, kserve_grpc),
+                "floor": (floor_http, floor_grpc),
             }
             results = tritonclient_measurements(python, servers, samples, budget, rounds)
-            print(f"  f. {rounds} rounds of tritonclient measured, ours and KServe cell by cell")
+            print(f"  f. {rounds} rounds of tritonclient measured: ours, KServe, floor in turn")
             for _ in range(rounds):
                 unary.append(
                     {
-                        "v1 unary": {
+                        row: {
                             size: time_calls(
-                                "v1 unary",
-                                lambda x: client.soft_targets_with(x, options),
+                                row,
+                                lambda x, c=each: c.soft_targets_with(x, options),
                                 cycled_batches(samples, size, 8),
                                 budget,
                             )
                             for size in BATCH_SIZES
                         }
+                        for row, each in (("v1 unary", client), ("v1 unary floor", floor_client))
                     }
                 )
     return TritonComparison(version, results, unary)
@@ -1028,17 +1086,25 @@ def triton_targets(comparison: TritonComparison) -> list[Target]:
     for cell in ("v2_grpc", "v2_rest_binary"):
         for size in BATCH_SIZES:
             needed = 1.2 if size >= 256 else 1.5
+            bound = max(comparison.ratios(cell, size, "floor"))
             result.append(
                 Target(
                     f"tritonclient {TRITON_CELLS[cell]} at batch {size}, ours / KServe (worse "
-                    "round)",
+                    f"round; a server doing no work: {bound:.2f})",
                     min(comparison.ratios(cell, size)),
                     needed,
                 )
             )
     p50 = comparison.v1_unary_p50_ms(1)
+    floor = comparison.v1_unary_p50_ms(1, "v1 unary floor")
     # a target below: expressed as 0.6 ms / p50 >= 1
-    result.append(Target(f"v1 unary at batch 1: 0.6 ms / p50 ({p50:.3f} ms)", 0.6 / p50, 1.0))
+    result.append(
+        Target(
+            f"v1 unary at batch 1: 0.6 ms / p50 ({p50:.3f} ms; no work: {floor:.3f} ms)",
+            0.6 / p50,
+            1.0,
+        )
+    )
     return result
 
 
