@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from protocol.errors import InvalidArgument
 from teacher_server.http_body import read_body
@@ -139,4 +140,18 @@ def create_v1_router(core: TeacherCore, max_message_bytes: int) -> APIRouter:
         core.stages.finish(stamps)
         return response
 
+    async def soft_targets_route(request: Request) -> Response:
+        """`soft_targets` as a plain Starlette route: the hot path skips FastAPI's parameter
+        solving. Put before the FastAPI route, which documents the endpoint in the schema."""
+        return await soft_targets(request.path_params["model"], request)
+
+    router.routes.insert(
+        0,
+        Route(
+            "/v1/models/{model}/soft-targets",
+            soft_targets_route,
+            methods=["POST"],
+            include_in_schema=False,
+        ),
+    )
     return router

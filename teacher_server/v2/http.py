@@ -82,8 +82,16 @@ def create_v2_router(core: TeacherCore, max_message_bytes: int | None = None) ->
         core.stages.finish(stamps)
         return response
 
+    async def infer_route(request: Request) -> Response:
+        """`infer` as a plain Starlette route: the hot path skips FastAPI's parameter solving."""
+        params = request.path_params
+        return await infer(request, params["model"], params.get("version", ""))
+
     for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         router.add_api_route(prefix, model_metadata, methods=["GET"])
         router.add_api_route(prefix + "/ready", model_ready, methods=["GET"])
+        # Matched first, so it serves every call; the FastAPI route after it documents the same
+        # endpoint in the OpenAPI schema.
+        router.add_route(prefix + "/infer", infer_route, methods=["POST"], include_in_schema=False)
         router.add_api_route(prefix + "/infer", infer, methods=["POST"], response_model=None)
     return router

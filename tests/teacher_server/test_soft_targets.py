@@ -139,6 +139,10 @@ def test_docs_and_openapi(http: httpx.Client) -> None:
     paths = spec.json()["paths"]
     assert "post" in paths["/v1/models/{model}/soft-targets"]
     assert "/v1/models" in paths and "/v1/models/{model}" in paths
+    # the inference endpoints are served by plain routes but documented once each
+    assert set(paths["/v2/models/{model}/infer"]) == {"post"}
+    assert set(paths["/v1/models/{model}/soft-targets"]) == {"post"}
+    assert "/v2/models/{model}/versions/{version}/infer" in paths
 
 
 def test_list_models(stub: pb_grpc.TeacherServiceStub, http: httpx.Client) -> None:
