@@ -32,6 +32,19 @@ class CacheScope:
     # entry of such a task holds all its sequence's rows. Not part of the stored key: a task's
     # level is fixed by the model version.
     token_tasks: tuple[str, ...] = ()
+    # The wire encoding of a sequence model's top-k answer (`TargetOptions.top_k_encoding`; always
+    # "tensors" otherwise). Part of the key: "packed" rounds the tail mass to `output_dtype` where
+    # "tensors" sends it in float32, and "log_prob_codes" values are lossy, so one encoding's
+    # entries are never handed to a request for another.
+    top_k_encoding: str = "tensors"
+
+    @property
+    def stored_dtype(self) -> str:
+        """`output_dtype` as the cache file keys it: with the encoding appended unless "tensors"
+        (so files written before the encoding was keyed keep their entries)."""
+        if self.top_k_encoding == "tensors":
+            return self.output_dtype
+        return f"{self.output_dtype}+{self.top_k_encoding}"
 
     @classmethod
     def from_options(
@@ -40,9 +53,13 @@ class CacheScope:
         model_version: str,
         tasks: Sequence[str],
         token_tasks: Sequence[str] = (),
+        sequence_model: bool | None = None,
     ) -> CacheScope:
+        """`sequence_model`: whether the model takes token batches (default: it has token-level
+        tasks), whose top-k answers come in `options.top_k_encoding`."""
         if options.model is None:
             raise ValueError("options.model: resolve the model name first")
+        sequence = bool(token_tasks) if sequence_model is None else sequence_model
         return cls(
             str(options.model),
             model_version,
@@ -52,6 +69,8 @@ class CacheScope:
             int(options.top_k),
             options.output_dtype,
             tuple(token_tasks),
+            # the encoding a request of these options asks for (student_client.online.messages)
+            options.top_k_encoding if sequence and options.top_k > 0 else "tensors",
         )
 
 

@@ -136,7 +136,7 @@ class EntryFile:
     ) -> Namespace | None:
         ident = (
             scope.model, scope.model_version, task, scope.output,
-            scope.temperature, scope.top_k, scope.output_dtype,
+            scope.temperature, scope.top_k, scope.stored_dtype,
         )  # fmt: skip
         known = self.namespaces.get(ident)
         if known is not None:

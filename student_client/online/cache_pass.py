@@ -41,7 +41,8 @@ class CachePass:
             token_tasks = tuple(task for task in tasks if levels.get(task) == "token")
         self.cache = cache
         self.tokenizer_hash = options.tokenizer_hash
-        self.scope = CacheScope.from_options(options, version, tasks, token_tasks)
+        sequence = self.info is not None and self.info.input_kind == "tokens"
+        self.scope = CacheScope.from_options(options, version, tasks, token_tasks, sequence)
         self.options = dataclasses.replace(options, model_version=version, tasks=tasks)
 
     @property

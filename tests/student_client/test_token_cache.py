@@ -189,6 +189,17 @@ def test_other_temperature_k_or_tokenizer_misses(
             TargetOptions(model=MODEL, tasks=TASKS, top_k=3, output_dtype="float16", temperature=2),
             TargetOptions(model=MODEL, tasks=TASKS, top_k=2, output_dtype="float16"),
             TargetOptions(model=MODEL, tasks=TASKS, top_k=3, output="log_probs"),
+            # another wire encoding: tensors' tail mass is float32, the codes are lossy
+            TargetOptions(
+                model=MODEL, tasks=TASKS, top_k=3, output_dtype="float16", top_k_encoding="tensors"
+            ),
+            TargetOptions(
+                model=MODEL,
+                tasks=TASKS,
+                top_k=3,
+                output_dtype="float16",
+                top_k_encoding="log_prob_codes",
+            ),
         ):
             loader = TokenTargetLoader(source, client, other, tokenizer_hash=hash_, cache=cache)
             assert len(list(loader)) == 3
