@@ -595,15 +595,20 @@ def kserve_process(
         wait_kserve_ready(process, http_url, [f.name for f in folders], timeout, Path(log.name))
         yield http_url, f"127.0.0.1:{grpc_port}"
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
         log.close()
         Path(log.name).unlink(missing_ok=True)
+
+
+def stop_process(process: subprocess.Popen[Any], grace_s: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `grace_s` seconds."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_kserve_ready(
@@ -651,13 +656,7 @@ def replay_process(
                 ports = json.loads(port_file.read_text())
                 yield f"http://127.0.0.1:{ports['http_port']}", f"127.0.0.1:{ports['grpc_port']}"
             finally:
-                if process.poll() is None:
-                    process.send_signal(signal.SIGTERM)
-                    try:
-                        process.wait(20)
-                    except subprocess.TimeoutExpired:
-                        process.kill()
-                        process.wait()
+                stop_process(process)
 
 
 def kserve_measurements(
