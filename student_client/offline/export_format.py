@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_safetensors
+
 FORMAT = "distill-soft-targets"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -133,6 +137,48 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{FORMAT_VERSION}"
         )
     return manifest
+
+
+def read_shard(folder: Path, entry: dict[str, Any], rows_of: dict[str, int]) -> dict[str, Any]:
+    """The tensors of the manifest's shard `entry`, checked: a plain file name in `folder`, the
+    sha256 the manifest states, a readable safetensors file, and each tensor named in `rows_of`
+    present with that many rows. Raises `CorruptShardError` naming the file otherwise."""
+    path = folder / str(entry["file"])
+    if Path(entry["file"]).name != entry["file"]:
+        raise CorruptShardError(f"{folder / MANIFEST}: bad shard name {entry!r}")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CorruptShardError(f"{path}: cannot read the shard: {error}") from error
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != entry["sha256"]:
+        raise CorruptShardError(
+            f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}: the "
+            "shard is corrupted or was changed; not using this export (run the export again "
+            "into the same folder to rewrite the shard)"
+        )
+    try:
+        tensors = load_safetensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise CorruptShardError(f"{path}: not a readable safetensors file: {error}") from error
+    check_shard_rows(folder, entry, tensors, rows_of)
+    return tensors
+
+
+def check_shard_rows(
+    folder: Path, entry: dict[str, Any], tensors: dict[str, Any], rows_of: dict[str, int]
+) -> None:
+    """Each tensor named in `rows_of` is in the shard with that many rows (`CorruptShardError`)."""
+    for name, rows in rows_of.items():
+        if name not in tensors or len(tensors[name]) != rows:
+            raise CorruptShardError(
+                f"{folder / str(entry['file'])}: tensor {name!r} missing or not {rows} rows"
+            )
+
+
+def concat_rows(parts: list[np.ndarray], empty: tuple[int, ...], dtype: type) -> np.ndarray:
+    """The shards' arrays end to end (an empty array of shape `empty` for no shards)."""
+    return np.concatenate(parts) if parts else np.zeros(empty, dtype=dtype)
 
 
 def file_sha256(path: Path) -> str:

@@ -24,7 +24,6 @@ the export is used.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -32,11 +31,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_safetensors
 
 from student_client.digests import sample_digests
-from student_client.offline.export_format import CorruptShardError, ExportError, read_manifest
+from student_client.offline.export_format import (
+    CorruptShardError,
+    ExportError,
+    concat_rows,
+    read_manifest,
+    read_shard,
+)
 from student_client.types import SoftTargets, TaskTargets, as_numpy
 
 
@@ -77,8 +80,8 @@ class OfflineSoftTargets:
         self.complete: bool = bool(self.manifest.get("complete"))
         shards = sorted(self.manifest["shards"], key=lambda entry: int(entry["start"]))
         loaded = [self._load(entry) for entry in shards]
-        self.sample_index = _concat([s["sample_index"] for s in loaded], (0,), np.int64)
-        self.digests = _concat([s["input_sha256"] for s in loaded], (0, 32), np.uint8)
+        self.sample_index = concat_rows([s["sample_index"] for s in loaded], (0,), np.int64)
+        self.digests = concat_rows([s["input_sha256"] for s in loaded], (0, 32), np.uint8)
         self.arrays: dict[str, np.ndarray] = {}
         for task in self.tasks:
             for part in ("values", "indices", "tail_mass"):
@@ -90,33 +93,15 @@ class OfflineSoftTargets:
         self._positions: dict[bytes, int] | None = None
 
     def _load(self, entry: dict[str, Any]) -> dict[str, np.ndarray]:
-        path = self.folder / str(entry["file"])
-        if Path(entry["file"]).name != entry["file"]:
-            raise CorruptShardError(f"{self.folder / 'manifest.json'}: bad shard name {entry!r}")
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise CorruptShardError(f"{path}: cannot read the shard: {error}") from error
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise CorruptShardError(
-                f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}: the "
-                "shard is corrupted or was changed; not using this export (run the export again "
-                "into the same folder to rewrite the shard)"
-            )
-        try:
-            tensors = load_safetensors(data)
-        except (SafetensorError, ValueError) as error:
-            raise CorruptShardError(f"{path}: not a readable safetensors file: {error}") from error
         rows = int(entry["stop"]) - int(entry["start"])
-        expected = ["sample_index", "input_sha256", *(f"{t}.values" for t in self.tasks)]
-        for name in expected:
-            if name not in tensors or len(tensors[name]) != rows:
-                raise CorruptShardError(f"{path}: tensor {name!r} missing or not {rows} rows")
+        names = ["sample_index", "input_sha256", *(f"{t}.values" for t in self.tasks)]
+        tensors = read_shard(self.folder, entry, dict.fromkeys(names, rows))
         if not np.array_equal(
             tensors["sample_index"], np.arange(int(entry["start"]), int(entry["stop"]))
         ):
-            raise CorruptShardError(f"{path}: sample_index does not match the manifest")
+            raise CorruptShardError(
+                f"{self.folder / str(entry['file'])}: sample_index does not match the manifest"
+            )
         return tensors
 
     @property
@@ -250,10 +235,6 @@ class OfflineSoftTargetLoader:
             self.stats.yielded += 1
             self.stats.samples += len(rows)
             yield inputs, labels, targets
-
-
-def _concat(parts: list[np.ndarray], empty: tuple[int, ...], dtype: type) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(empty, dtype=dtype)
 
 
 __all__ = [

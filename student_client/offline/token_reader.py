@@ -29,18 +29,21 @@ in the manifest when the export is opened (`CorruptShardError` otherwise).
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_safetensors
 
 from student_client.digests import sequence_digests
-from student_client.offline.export_format import CorruptShardError, ExportError, read_manifest
+from student_client.offline.export_format import (
+    ExportError,
+    check_shard_rows,
+    concat_rows,
+    read_manifest,
+    read_shard,
+)
 from student_client.offline.reader import MissingSampleError, OfflineStats
 from student_client.types import SoftTargets, TaskTargets, TokenBatch, as_token_batch
 
@@ -71,9 +74,9 @@ class OfflineTokenTargets:
         self.complete: bool = bool(self.manifest.get("complete"))
         shards = sorted(self.manifest["shards"], key=lambda entry: int(entry["start"]))
         loaded = [self._load(entry) for entry in shards]
-        self.sample_index = _concat([s["sample_index"] for s in loaded], (0,), np.int64)
-        self.digests = _concat([s["input_sha256"] for s in loaded], (0, 32), np.uint8)
-        self.lengths = _concat([s["lengths"] for s in loaded], (0,), np.int64)
+        self.sample_index = concat_rows([s["sample_index"] for s in loaded], (0,), np.int64)
+        self.digests = concat_rows([s["input_sha256"] for s in loaded], (0, 32), np.uint8)
+        self.lengths = concat_rows([s["lengths"] for s in loaded], (0,), np.int64)
         # the first token row of each sequence in the token-level arrays
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         self.arrays: dict[str, np.ndarray] = {}
@@ -85,33 +88,15 @@ class OfflineTokenTargets:
         self._positions = {bytes(d): i for i, d in enumerate(self.digests)}
 
     def _load(self, entry: dict[str, Any]) -> dict[str, np.ndarray]:
-        path = self.folder / str(entry["file"])
-        if Path(entry["file"]).name != entry["file"]:
-            raise CorruptShardError(f"{self.folder / 'manifest.json'}: bad shard name {entry!r}")
-        try:
-            data = path.read_bytes()
-        except OSError as error:
-            raise CorruptShardError(f"{path}: cannot read the shard: {error}") from error
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != entry["sha256"]:
-            raise CorruptShardError(
-                f"{path}: sha256 {digest} does not match the manifest's {entry['sha256']}: the "
-                "shard is corrupted or was changed; not using this export"
-            )
-        try:
-            tensors = load_safetensors(data)
-        except (SafetensorError, ValueError) as error:
-            raise CorruptShardError(f"{path}: not a readable safetensors file: {error}") from error
         rows = int(entry["stop"]) - int(entry["start"])
-        for name in ("sample_index", "input_sha256", "lengths"):
-            if name not in tensors or len(tensors[name]) != rows:
-                raise CorruptShardError(f"{path}: tensor {name!r} missing or not {rows} rows")
+        tensors = read_shard(
+            self.folder, entry, dict.fromkeys(("sample_index", "input_sha256", "lengths"), rows)
+        )
         tokens = int(tensors["lengths"].sum())
-        for task in self.tasks:
-            want = tokens if task in self.token_tasks else rows
-            name = f"{task}.values"
-            if name not in tensors or len(tensors[name]) != want:
-                raise CorruptShardError(f"{path}: tensor {name!r} missing or not {want} rows")
+        task_rows = {
+            f"{task}.values": tokens if task in self.token_tasks else rows for task in self.tasks
+        }
+        check_shard_rows(self.folder, entry, tensors, task_rows)
         return tensors
 
     def __len__(self) -> int:
@@ -185,7 +170,3 @@ class OfflineTokenTargetLoader:
             self.stats.yielded += 1
             self.stats.samples += len(rows)
             yield batch, labels, targets
-
-
-def _concat(parts: list[np.ndarray], empty: tuple[int, ...], dtype: type) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(empty, dtype=dtype)
