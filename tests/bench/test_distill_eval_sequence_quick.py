@@ -4,6 +4,7 @@ stopped."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -33,6 +34,66 @@ def test_run_keys() -> None:
         "d64/fwd-top128/T1",
         "d64/rev-m32/T1",
     ]
+
+
+def test_rows_alpha_and_kd_sweep_plan() -> None:
+    assert sequence.RunConfig("forward", alpha=1.0).key == "d64/fwd-top32/T1/a1"
+    assert sequence.RunConfig("hard", alpha=1.0).key == "d64/hard"  # alpha: the KD rows only
+    plan = sequence.full_plan([1, 2, 3], 12, 1.0, 64, 0.8, ["hard", "top32", "dense", "top16"])
+    assert [c.key for c in plan] == [
+        "d64/hard",
+        "d64/fwd-top32/T1/a0.8",
+        "d64/fwd-dense/T1/a0.8",
+        "d64/fwd-top16/T1/a0.8",
+    ]
+    assert {c.epochs for c in plan} == {12}
+    with pytest.raises(ValueError, match="--rows.*'top'"):
+        sequence.full_plan([0], 4, 1.0, 64, rows=["hard", "top"])
+    sweep = sequence.kd_sweep_plan(8, 1.0, 0.5, 64, [1.0, 0.5], [0.5, 1.0], ["hard", "top32"])
+    # T moves with alpha fixed, then alpha with T fixed; (T 1, alpha 0.5) only once.
+    assert [c.key for c in sweep] == [
+        "d64/hard",
+        "d64/fwd-top32/T1",
+        "d64/fwd-top32/T0.5",
+        "d64/fwd-top32/T1/a1",
+    ]
+    assert sequence.floats("0.5, 1") == [0.5, 1.0]
+    with pytest.raises(ValueError, match="numbers, got 'x'"):
+        sequence.floats("x")
+
+
+def test_checks_unpaired_and_paired() -> None:
+    """Hand-computed: hard 300/310/320 (std 10), top-32 280/292/298 (std 9.165); unpaired margin
+    20 < 2 x 10; per seed 20, 18, 22: mean 20 > 2 x std 2."""
+    hard = {"seeds": [1, 2, 3], "perplexity": [300.0, 310.0, 320.0]}
+    top32 = {"seeds": [1, 2, 3], "perplexity": [280.0, 292.0, 298.0]}
+    dense = {"seeds": [1, 2, 3], "perplexity": [278.0, 290.0, 296.0]}
+    runs = {}
+    for config, rows in (
+        (sequence.RunConfig("hard"), hard),
+        (sequence.RunConfig("forward", 32, alpha=0.8), top32),
+        (sequence.RunConfig("forward", 0, alpha=0.8), dense),
+    ):
+        for seed, value in zip(rows["seeds"], rows["perplexity"], strict=True):
+            runs[f"{config.key}/s{seed}"] = {
+                "config": dataclasses.asdict(config),
+                "seed": seed,
+                "perplexity": value,
+                "parameters": 1,
+                "seconds": 1.0,
+            }
+    result = sequence.checks(sequence.summarize(runs), 64, 1.0, 0.8)
+    unpaired = result["distilled_beats_hard"]
+    assert unpaired["margin"] == pytest.approx(20.0)
+    assert unpaired["two_std"] == pytest.approx(20.0)
+    assert unpaired["holds"] is False  # 20 is not more than 20
+    paired = result["distilled_beats_hard_paired"]
+    assert paired["differences"] == pytest.approx([20.0, 18.0, 22.0])
+    assert paired["mean"] == pytest.approx(20.0) and paired["std"] == pytest.approx(2.0)
+    assert paired["holds"] is True
+    within = result["top32_within_1pct_of_dense"]
+    assert within["relative"] == pytest.approx((290.0 - 288.0) / 288.0)
+    assert within["holds"] is True
 
 
 @pytest.mark.timeout(420)
