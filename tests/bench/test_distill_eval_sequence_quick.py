@@ -11,6 +11,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -47,7 +48,7 @@ def test_rows_alpha_and_kd_sweep_plan() -> None:
         "d64/fwd-top16/T1/a0.8",
     ]
     assert {c.epochs for c in plan} == {12}
-    with pytest.raises(ValueError, match="--rows.*'top'"):
+    with pytest.raises(ValueError, match=r"--rows.*'top'"):
         sequence.full_plan([0], 4, 1.0, 64, rows=["hard", "top"])
     sweep = sequence.kd_sweep_plan(8, 1.0, 0.5, 64, [1.0, 0.5], [0.5, 1.0], ["hard", "top32"])
     # T moves with alpha fixed, then alpha with T fixed; (T 1, alpha 0.5) only once.
@@ -146,3 +147,32 @@ def test_sequence_quick_run(sequence_repository: Path, tmp_path: Path) -> None:
     assert math.isclose(
         offline["offline"]["perplexity"], offline["online_perplexity"], rel_tol=1e-3
     )
+
+
+def test_target_store_top_mass() -> None:
+    """Windows of 3 and 2 ids predict 2 + 1 tokens; tails 0.5, 0.25 and 0 leave top-k masses
+    0.5, 0.75, 1: mean 0.75, quartiles 0.625 / 0.75 / 0.875, two of three under 0.9."""
+    from student_client.training.text_data import Windows
+    from student_client.types import SoftTargets, TaskTargets
+
+    windows = Windows(np.zeros((2, 3), dtype=np.int64), np.array([3, 2]))
+
+    def answer(tails: list[float]) -> SoftTargets:
+        rows = len(tails)
+        task = TaskTargets(
+            "next_token",
+            "log_probs",
+            np.zeros((rows, 2), dtype=np.float16),
+            np.zeros((rows, 2), dtype=np.int64),
+            np.array(tails, dtype=np.float32),
+            level="token",
+        )
+        return SoftTargets("m", "1", "", 1.0, {"next_token": task}, lengths=np.array([rows]))
+
+    store = sequence.TargetStore(windows, [answer([0.5, 0.25]), answer([0.0])], 0.0)
+    assert store.top_mass() == pytest.approx(
+        {"mean": 0.75, "p25": 0.625, "median": 0.75, "p75": 0.875, "share_below_0.9": 2 / 3}
+    )
+    dense = TaskTargets("next_token", "log_probs", np.zeros((3, 4), dtype=np.float16))
+    dense_answer = SoftTargets("m", "1", "", 1.0, {"next_token": dense}, lengths=np.array([2, 1]))
+    assert sequence.TargetStore(windows, [dense_answer], 0.0).top_mass() is None
