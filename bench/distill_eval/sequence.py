@@ -368,15 +368,28 @@ def sweep_plan(epochs: int) -> list[RunConfig]:
     return plan
 
 
-def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per configuration (over seeds): mean and sample std of the final perplexity."""
+def summarize(
+    runs: dict[str, dict[str, Any]], epoch: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per configuration (over seeds): mean and sample std of the final perplexity, or of the
+    perplexity after `epoch` (runs that did not evaluate then are left out). With a constant
+    learning rate, a run's perplexity after epoch e is that of an e-epoch run of the same seed."""
+
+    def score(run: dict[str, Any]) -> float | None:
+        if epoch is None:
+            return float(run["perplexity"])
+        curve = run.get("perplexity_per_epoch", [])
+        return curve[epoch - 1] if 0 < epoch <= len(curve) else None
+
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs.values():
-        groups.setdefault(RunConfig(**run["config"]).key, []).append(run)
+        if score(run) is not None:
+            groups.setdefault(RunConfig(**run["config"]).key, []).append(run)
     out = {}
     for key, group in groups.items():
-        values = [r["perplexity"] for r in sorted(group, key=lambda r: r["seed"])]
+        values = [float(score(r)) for r in sorted(group, key=lambda r: r["seed"])]  # type: ignore[arg-type]
         out[key] = {
+            "epoch": epoch or group[0]["config"]["epochs"],
             "seeds": [r["seed"] for r in sorted(group, key=lambda r: r["seed"])],
             "perplexity": values,
             "mean": statistics.fmean(values),
@@ -618,7 +631,36 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {dim} | {'/'.join(rest)} | {row['parameters']:,} | {row['mean']:.1f} ± "
             f"{row['std']:.1f} | {per_seed} | {row['seconds_mean']:.0f} |"
         )
+    lines += check_lines(out.get("checks", {}))
     return "\n".join(lines) + "\n"
+
+
+def check_lines(found: dict[str, Any]) -> list[str]:
+    """The issue's checks as a Markdown table (empty when there are none)."""
+    rows = []
+    if "distilled_beats_hard" in found:
+        c = found["distilled_beats_hard"]
+        rows.append(
+            f"| top-32 beats hard by > 2 std (unpaired) | {c['distilled_top32']['mean']:.1f} vs "
+            f"{c['hard']['mean']:.1f}: margin {c['margin']:.1f}, 2 std {c['two_std']:.1f} | "
+            f"{'yes' if c['holds'] else 'no'} |"
+        )
+    if "distilled_beats_hard_paired" in found:
+        c = found["distilled_beats_hard_paired"]
+        differences = ", ".join(f"{d:.1f}" for d in c["differences"])
+        rows.append(
+            f"| the same, paired per seed | hard - top-32: {differences}; mean {c['mean']:.1f}, "
+            f"2 std {2 * c['std']:.1f} | {'yes' if c['holds'] else 'no'} |"
+        )
+    if "top32_within_1pct_of_dense" in found:
+        c = found["top32_within_1pct_of_dense"]
+        rows.append(
+            f"| top-32 within 1 % of dense | {c['top32']:.1f} vs {c['dense']:.1f}: "
+            f"{100 * c['relative']:+.2f} % | {'yes' if c['holds'] else 'no'} |"
+        )
+    if not rows:
+        return []
+    return ["", "| check | figures | met? |", "|---|---|---|", *rows]
 
 
 def report(out: dict[str, Any], markdown_path: Path | None) -> None:
@@ -632,8 +674,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The sequence evaluation in the mode `args` asks for (full, `--sweep` or `--quick`)."""
     if args.from_json:  # no training: the tables of a saved run
         saved: dict[str, Any] = json.loads(args.from_json.read_text())
-        saved["summary"] = summarize(saved["runs"])  # an interrupted run's checkpoint has none
-        saved.setdefault("checks", {})
+        # An interrupted run's checkpoint has no summary; --at-epoch reads the curves.
+        saved["summary"] = summarize(saved["runs"], args.at_epoch)
+        kept = {k: v for k, v in saved.get("checks", {}).items() if k == "offline_equals_online"}
+        saved["checks"] = kept | checks(saved["summary"], args.dim, args.temperature, args.alpha)
         report(saved, args.markdown)
         return saved
     started = time.perf_counter()
@@ -824,6 +868,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="--sequence: one seed, the --rows at each --sweep-temperatures (alpha fixed) and "
         "each --sweep-alphas (T fixed)",
+    )
+    group.add_argument(
+        "--at-epoch",
+        type=int,
+        default=None,
+        help="--from-json: score every run after this epoch (it must have been evaluated)",
     )
     group.add_argument("--sweep-temperatures", default="0.5,0.75,1", help="--sweep-kd: T values")
     group.add_argument("--sweep-alphas", default="0.5,1", help="--sweep-kd: alpha values")

@@ -95,6 +95,19 @@ def test_checks_unpaired_and_paired() -> None:
     within = result["top32_within_1pct_of_dense"]
     assert within["relative"] == pytest.approx((290.0 - 288.0) / 288.0)
     assert within["holds"] is True
+    table = sequence.check_lines(result)
+    assert table[-2].endswith("mean 20.0, 2 std 4.0 | yes |")
+    assert table[-1] == "| top-32 within 1 % of dense | 290.0 vs 288.0: +0.69 % | yes |"
+
+    # After an earlier epoch: the curves' values; runs that did not evaluate then are left out.
+    for run in runs.values():
+        run["config"]["epochs"] = 4
+        run["perplexity_per_epoch"] = [None, 2 * run["perplexity"], None, run["perplexity"]]
+    runs["d64/hard/s9"] = dict(runs["d64/hard/s1"], seed=9, perplexity_per_epoch=[None, None])
+    at_two = sequence.summarize(runs, epoch=2)
+    assert at_two["d64/hard"]["perplexity"] == [600.0, 620.0, 640.0]
+    assert at_two["d64/hard"]["seeds"] == [1, 2, 3] and at_two["d64/hard"]["epoch"] == 2
+    assert sequence.summarize(runs, epoch=1) == {}
 
 
 @pytest.mark.timeout(420)
