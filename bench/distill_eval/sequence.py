@@ -638,7 +638,7 @@ def markdown(out: dict[str, Any]) -> str:
 def check_lines(found: dict[str, Any]) -> list[str]:
     """The issue's checks as a Markdown table (empty when there are none)."""
     rows = []
-    if "distilled_beats_hard" in found:
+    if "distilled_beats_hard" in found and len(found["distilled_beats_hard"]["hard"]["seeds"]) > 1:
         c = found["distilled_beats_hard"]
         rows.append(
             f"| top-32 beats hard by > 2 std (unpaired) | {c['distilled_top32']['mean']:.1f} vs "
