@@ -3,6 +3,11 @@
     python -m bench.distill_eval --sequence [--seeds 3] [--epochs 8] [--json out.json]
     python -m bench.distill_eval --sequence --sweep [--epochs 4]     # T and student size, seed 0
     python -m bench.distill_eval --sequence --quick                  # CI: small teacher, seconds
+    python -m bench.distill_eval --sequence --sweep-kd --epochs 8 --rows hard,top32,dense
+        --sweep-temperatures 1,0.5,0.75 --sweep-alphas 0.5,1      # T, then alpha, one seed
+    python -m bench.distill_eval --sequence --seeds 3 --first-seed 1 --epochs 12
+        --temperature 0.5 --rows hard,top32,dense --no-offline    # chosen settings, fresh seeds
+    python -m bench.distill_eval --sequence --from-json out.json --temperature 0.5 --at-epoch 8
 
 The teacher is the default sequence teacher (`pydoc-causal-lm` in `--repository`, trained there
 first if missing), served by a real teacher server process on loopback gRPC (`--torch-threads 1`).
@@ -31,7 +36,14 @@ trained from the export with `OfflineTokenTargetLoader`: its perplexity against 
 with no teacher running. Each run's record goes to `--json` as soon as it finishes (a rerun
 with the same `--json` keeps the runs it holds). `--sweep`: one seed and a shorter schedule over
 T in {1, 2, 4} (top-32) and the student's width (hard vs top-32 at T = 1), to choose the
-recommended T and size; k is compared by the full mode's rows, 3 seeds.
+recommended T and size; k is compared by the full mode's rows, 3 seeds. `--sweep-kd`: one seed,
+the `--rows` at each of `--sweep-temperatures` (alpha fixed at `--alpha`), then at each of
+`--sweep-alphas` (T fixed at `--temperature`); the teacher's top-k share of probability on the
+training tokens is recorded per (T, k) (`teacher_top_mass`). `--rows`, `--alpha`, `--first-seed`
+and `--no-offline` narrow the full mode (seeds first..first+seeds-1). `--from-json` reports a
+saved run; with `--at-epoch` it scores every run after that epoch (the learning rate is constant,
+so that is the shorter schedule's row), and the checks (unpaired 2 std, paired per seed, top-32
+vs dense) are taken at `--temperature` and `--alpha`.
 """
 
 from __future__ import annotations
