@@ -3,6 +3,11 @@
     python -m bench.distill_eval --sequence [--seeds 3] [--epochs 8] [--json out.json]
     python -m bench.distill_eval --sequence --sweep [--epochs 4]     # T and student size, seed 0
     python -m bench.distill_eval --sequence --quick                  # CI: small teacher, seconds
+    python -m bench.distill_eval --sequence --sweep-kd --epochs 8 --rows hard,top32,dense
+        --sweep-temperatures 1,0.5,0.75 --sweep-alphas 0.5,1      # T, then alpha, one seed
+    python -m bench.distill_eval --sequence --seeds 3 --first-seed 1 --epochs 12
+        --temperature 0.5 --rows hard,top32,dense --no-offline    # chosen settings, fresh seeds
+    python -m bench.distill_eval --sequence --from-json out.json --temperature 0.5 --at-epoch 8
 
 The teacher is the default sequence teacher (`pydoc-causal-lm` in `--repository`, trained there
 first if missing), served by a real teacher server process on loopback gRPC (`--torch-threads 1`).
@@ -31,7 +36,14 @@ trained from the export with `OfflineTokenTargetLoader`: its perplexity against 
 with no teacher running. Each run's record goes to `--json` as soon as it finishes (a rerun
 with the same `--json` keeps the runs it holds). `--sweep`: one seed and a shorter schedule over
 T in {1, 2, 4} (top-32) and the student's width (hard vs top-32 at T = 1), to choose the
-recommended T and size; k is compared by the full mode's rows, 3 seeds.
+recommended T and size; k is compared by the full mode's rows, 3 seeds. `--sweep-kd`: one seed,
+the `--rows` at each of `--sweep-temperatures` (alpha fixed at `--alpha`), then at each of
+`--sweep-alphas` (T fixed at `--temperature`); the teacher's top-k share of probability on the
+training tokens is recorded per (T, k) (`teacher_top_mass`). `--rows`, `--alpha`, `--first-seed`
+and `--no-offline` narrow the full mode (seeds first..first+seeds-1). `--from-json` reports a
+saved run; with `--at-epoch` it scores every run after that epoch (the learning rate is constant,
+so that is the shorter schedule's row), and the checks (unpaired 2 std, paired per seed, top-32
+vs dense) are taken at `--temperature` and `--alpha`.
 """
 
 from __future__ import annotations
@@ -118,6 +130,8 @@ class RunConfig:
             name = f"fwd-{support}/T{self.temperature:g}"
         else:
             name = f"rev-m{self.top_k}/T{self.temperature:g}"
+        if self.targets != "hard" and self.alpha != ALPHA:
+            name += f"/a{self.alpha:g}"
         suffix = "" if self.source == "memory" else f"/{self.source}"
         return f"d{self.dim}/{name}{suffix}"
 
@@ -146,6 +160,21 @@ class TargetStore:
         self.starts = np.concatenate([[0], np.cumsum(predicted)[:-1]])
         self.predicted = predicted
         self.fetch_s = fetch_s
+
+    def top_mass(self) -> dict[str, float] | None:
+        """How much of the teacher's probability (at the store's T) the top-k rows hold per
+        training token: mean, quartiles, share of tokens under 0.9; None for dense rows."""
+        if self.tail is None:
+            return None
+        mass = 1.0 - self.tail.astype(np.float64)  # (tokens,)
+        low, median, high = np.quantile(mass, [0.25, 0.5, 0.75])
+        return {
+            "mean": float(mass.mean()),
+            "p25": float(low),
+            "median": float(median),
+            "p75": float(high),
+            "share_below_0.9": float((mass < 0.9).mean()),
+        }
 
     def answer(self, rows: np.ndarray) -> SoftTargets:
         """The answer the teacher gave for windows `rows`, assembled in that order."""
@@ -275,7 +304,7 @@ def train_run(
     started = time.perf_counter()
     history = fit_lm(
         student, batches, loss, config.epochs, split.held_out, LR, config.key, False,
-        evaluate_every=max(1, config.epochs // 2),
+        evaluate_every=max(1, min(4, config.epochs // 2)),
     )  # fmt: skip
     return {
         "config": asdict(config),
@@ -293,13 +322,52 @@ def train_run(
     }
 
 
-def full_plan(seeds: Sequence[int], epochs: int, temperature: float, dim: int) -> list[RunConfig]:
-    base = RunConfig("hard", epochs=epochs, temperature=temperature, dim=dim)
-    return [
-        base,
-        *(replace(base, targets="forward", top_k=k) for k in FULL_TOP_K),
-        replace(base, targets="reverse", top_k=32),
-    ]
+ROWS = ("hard", "top32", "dense", "top8", "top128", "reverse")  # the full plan's order
+
+
+def row_config(row: str, base: RunConfig) -> RunConfig:
+    """`row` (one of ROWS) at `base`'s epochs, T, alpha and width."""
+    if row == "hard":
+        return replace(base, targets="hard")
+    if row == "reverse":
+        return replace(base, targets="reverse", top_k=32)
+    if row == "dense":
+        return replace(base, targets="forward", top_k=0)
+    if row.startswith("top") and row[3:].isdigit():
+        return replace(base, targets="forward", top_k=int(row[3:]))
+    raise ValueError(f"--rows: expected names from {', '.join(ROWS)}, got {row!r}")
+
+
+def full_plan(
+    seeds: Sequence[int],
+    epochs: int,
+    temperature: float,
+    dim: int,
+    alpha: float = ALPHA,
+    rows: Sequence[str] = ROWS,
+) -> list[RunConfig]:
+    base = RunConfig("hard", epochs=epochs, temperature=temperature, dim=dim, alpha=alpha)
+    return [row_config(row, base) for row in rows]
+
+
+def kd_sweep_plan(
+    epochs: int,
+    temperature: float,
+    alpha: float,
+    dim: int,
+    temperatures: Sequence[float],
+    alphas: Sequence[float],
+    rows: Sequence[str],
+) -> list[RunConfig]:
+    """One factor at a time around (T, alpha): hard once, then each forward row of `rows` at
+    every T of `temperatures` (alpha fixed), then at every alpha of `alphas` (T fixed)."""
+    base = RunConfig("hard", epochs=epochs, temperature=temperature, dim=dim, alpha=alpha)
+    plan = [base] if "hard" in rows else []
+    forward = [row for row in rows if row not in ("hard", "reverse")]
+    points = [(t, alpha) for t in temperatures] + [(temperature, a) for a in alphas]
+    for t, a in dict.fromkeys(points):  # in order, each point once
+        plan += [row_config(row, replace(base, temperature=t, alpha=a)) for row in forward]
+    return plan
 
 
 def sweep_plan(epochs: int) -> list[RunConfig]:
@@ -312,15 +380,28 @@ def sweep_plan(epochs: int) -> list[RunConfig]:
     return plan
 
 
-def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per configuration (over seeds): mean and sample std of the final perplexity."""
+def summarize(
+    runs: dict[str, dict[str, Any]], epoch: int | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per configuration (over seeds): mean and sample std of the final perplexity, or of the
+    perplexity after `epoch` (runs that did not evaluate then are left out). With a constant
+    learning rate, a run's perplexity after epoch e is that of an e-epoch run of the same seed."""
+
+    def score(run: dict[str, Any]) -> float | None:
+        if epoch is None:
+            return float(run["perplexity"])
+        curve = run.get("perplexity_per_epoch", [])
+        return curve[epoch - 1] if 0 < epoch <= len(curve) else None
+
     groups: dict[str, list[dict[str, Any]]] = {}
     for run in runs.values():
-        groups.setdefault(RunConfig(**run["config"]).key, []).append(run)
+        if score(run) is not None:
+            groups.setdefault(RunConfig(**run["config"]).key, []).append(run)
     out = {}
     for key, group in groups.items():
-        values = [r["perplexity"] for r in sorted(group, key=lambda r: r["seed"])]
+        values = [float(score(r)) for r in sorted(group, key=lambda r: r["seed"])]  # type: ignore[arg-type]
         out[key] = {
+            "epoch": epoch or group[0]["config"]["epochs"],
             "seeds": [r["seed"] for r in sorted(group, key=lambda r: r["seed"])],
             "perplexity": values,
             "mean": statistics.fmean(values),
@@ -331,12 +412,36 @@ def summarize(runs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def checks(summary: dict[str, dict[str, Any]], dim: int, temperature: float) -> dict[str, Any]:
-    """The issue's two checks at the recommended settings (top-32 forward KL)."""
+def paired(hard: dict[str, Any], distilled: dict[str, Any]) -> dict[str, Any] | None:
+    """Per seed (same initialisation and data order): hard minus distilled perplexity; the mean
+    difference against two sample standard deviations of the differences."""
+    by_seed = dict(zip(hard["seeds"], hard["perplexity"], strict=True))
+    differences = [
+        by_seed[s] - p
+        for s, p in zip(distilled["seeds"], distilled["perplexity"], strict=True)
+        if s in by_seed
+    ]
+    if len(differences) < 2:
+        return None
+    mean, std = statistics.fmean(differences), statistics.stdev(differences)
+    return {
+        "differences": differences,
+        "mean": mean,
+        "std": std,
+        "holds": bool(mean > 2 * std and len(differences) >= 3),
+    }
+
+
+def checks(
+    summary: dict[str, dict[str, Any]], dim: int, temperature: float, alpha: float = ALPHA
+) -> dict[str, Any]:
+    """The issue's two checks at the recommended settings (top-32 forward KL), and the paired
+    (per seed) form of the first beside the issue's unpaired one."""
     out: dict[str, Any] = {}
+    setting = RunConfig("forward", 32, temperature, alpha, dim)
     hard = summary.get(f"d{dim}/hard")
-    top32 = summary.get(f"d{dim}/fwd-top32/T{temperature:g}")
-    dense = summary.get(f"d{dim}/fwd-dense/T{temperature:g}")
+    top32 = summary.get(setting.key)
+    dense = summary.get(replace(setting, top_k=0).key)
     if hard and top32:
         margin = hard["mean"] - top32["mean"]
         two_std = 2 * max(hard["std"], top32["std"])
@@ -347,6 +452,9 @@ def checks(summary: dict[str, dict[str, Any]], dim: int, temperature: float) -> 
             "two_std": two_std,
             "holds": bool(margin > two_std and len(hard["seeds"]) >= 3),
         }
+        pairs = paired(hard, top32)
+        if pairs is not None:
+            out["distilled_beats_hard_paired"] = pairs
     if top32 and dense:
         relative = (top32["mean"] - dense["mean"]) / dense["mean"]
         out["top32_within_1pct_of_dense"] = {
@@ -448,13 +556,22 @@ def run_plan(
             if config.targets == "forward" and config.source == "memory":
                 setting = (config.temperature, config.top_k)
                 if setting not in stores:
-                    stores.clear()  # one setting in memory at a time (dense: about 0.7 GB)
+                    if setting[1] == 0:  # one dense setting in memory at a time (about 0.7 GB)
+                        stores = {key: s for key, s in stores.items() if key[1] != 0}
                     stores[setting] = fetch_store(
                         session.client, session.split, session.tokenizer, session.model, config
                     )
                     say(
                         f"[sequence] fetched T={setting[0]:g} k={setting[1]} in {stores[setting].fetch_s:.1f} s"
                     )
+                    mass = stores[setting].top_mass()
+                    if mass is not None:
+                        out.setdefault("teacher_top_mass", {})[
+                            f"T{setting[0]:g}/top{setting[1]}"
+                        ] = mass
+                        say(
+                            f"[sequence] teacher's top-{setting[1]} mass at T={setting[0]:g}: {mass}"
+                        )
                 store = stores[setting]
             run = train_run(
                 config, seed, session.split, store=store, client=session.client,
@@ -526,7 +643,36 @@ def markdown(out: dict[str, Any]) -> str:
             f"| {dim} | {'/'.join(rest)} | {row['parameters']:,} | {row['mean']:.1f} ± "
             f"{row['std']:.1f} | {per_seed} | {row['seconds_mean']:.0f} |"
         )
+    lines += check_lines(out.get("checks", {}))
     return "\n".join(lines) + "\n"
+
+
+def check_lines(found: dict[str, Any]) -> list[str]:
+    """The issue's checks as a Markdown table (empty when there are none)."""
+    rows = []
+    if "distilled_beats_hard" in found and len(found["distilled_beats_hard"]["hard"]["seeds"]) > 1:
+        c = found["distilled_beats_hard"]
+        rows.append(
+            f"| top-32 beats hard by > 2 std (unpaired) | {c['distilled_top32']['mean']:.1f} vs "
+            f"{c['hard']['mean']:.1f}: margin {c['margin']:.1f}, 2 std {c['two_std']:.1f} | "
+            f"{'yes' if c['holds'] else 'no'} |"
+        )
+    if "distilled_beats_hard_paired" in found:
+        c = found["distilled_beats_hard_paired"]
+        differences = ", ".join(f"{d:.1f}" for d in c["differences"])
+        rows.append(
+            f"| the same, paired per seed | hard - top-32: {differences}; mean {c['mean']:.1f}, "
+            f"2 std {2 * c['std']:.1f} | {'yes' if c['holds'] else 'no'} |"
+        )
+    if "top32_within_1pct_of_dense" in found:
+        c = found["top32_within_1pct_of_dense"]
+        rows.append(
+            f"| top-32 within 1 % of dense | {c['top32']:.1f} vs {c['dense']:.1f}: "
+            f"{100 * c['relative']:+.2f} % | {'yes' if c['holds'] else 'no'} |"
+        )
+    if not rows:
+        return []
+    return ["", "| check | figures | met? |", "|---|---|---|", *rows]
 
 
 def report(out: dict[str, Any], markdown_path: Path | None) -> None:
@@ -540,13 +686,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """The sequence evaluation in the mode `args` asks for (full, `--sweep` or `--quick`)."""
     if args.from_json:  # no training: the tables of a saved run
         saved: dict[str, Any] = json.loads(args.from_json.read_text())
-        saved["summary"] = summarize(saved["runs"])  # an interrupted run's checkpoint has none
-        saved.setdefault("checks", {})
+        # An interrupted run's checkpoint has no summary; --at-epoch reads the curves.
+        saved["summary"] = summarize(saved["runs"], args.at_epoch)
+        kept = {k: v for k, v in saved.get("checks", {}).items() if k == "offline_equals_online"}
+        saved["checks"] = kept | checks(saved["summary"], args.dim, args.temperature, args.alpha)
         report(saved, args.markdown)
         return saved
     started = time.perf_counter()
     machine = machine_summary()
-    mode = "quick" if args.quick else "sweep" if args.sweep else "full"
+    mode = (
+        "quick"
+        if args.quick
+        else "sweep"
+        if args.sweep
+        else "sweep-kd"
+        if args.sweep_kd
+        else "full"
+    )
     out: dict[str, Any] = {"mode": f"sequence-{mode}", "machine": machine}
     if args.json is not None and args.json.exists() and not args.quick:
         previous = json.loads(args.json.read_text())
@@ -557,8 +713,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ensure_sequence_teacher(repository / args.model, small=args.quick)
     epochs = args.epochs or (2 if args.quick else 4 if args.sweep else 8)
     max_windows = args.max_windows or (QUICK_WINDOWS if args.quick else None)
-    seeds = [0] if args.quick or args.sweep else list(range(args.seeds))
-    temperature, dim = args.temperature, args.dim
+    first = args.first_seed
+    one_seed = args.quick or args.sweep or args.sweep_kd
+    seeds = [first] if one_seed else list(range(first, first + args.seeds))
+    temperature, dim, alpha = args.temperature, args.dim, args.alpha
+    rows = [row.strip() for row in args.rows.split(",")] if args.rows else list(ROWS)
     with tempfile.TemporaryDirectory(prefix="distill-seq-") as scratch, torch_threads(1):
         work = Path(scratch)
         with teacher_process(repository, SERVE_ARGS) as teacher:
@@ -575,12 +734,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "seeds": seeds,
                     "temperature": temperature,
                     "dim": dim,
-                    "alpha": ALPHA,
+                    "alpha": alpha,
+                    "rows": rows,
                     "lr": LR,
                     "batch_size": BATCH_SIZE,
                 }
                 if args.sweep:
                     plan = sweep_plan(epochs)
+                elif args.sweep_kd:
+                    plan = kd_sweep_plan(
+                        epochs, temperature, alpha, dim,
+                        floats(args.sweep_temperatures), floats(args.sweep_alphas), rows,
+                    )  # fmt: skip
                 elif args.quick:
                     base = RunConfig("hard", epochs=epochs, temperature=temperature, dim=dim)
                     plan = [
@@ -591,20 +756,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         replace(base, targets="reverse", top_k=8),
                     ]
                 else:
-                    plan = full_plan(seeds, epochs, temperature, dim)
+                    plan = full_plan(seeds, epochs, temperature, dim, alpha, rows)
                 online = replace(
                     RunConfig("forward", OFFLINE_TOP_K, temperature, dim=dim, epochs=epochs),
                     source="online",
                 )
                 run_plan(session, plan, seeds, out, args.json)
-                if not args.sweep:
+                if not (args.sweep or args.sweep_kd or args.no_offline):
                     run_plan(session, [online], [0], out, args.json)
                     out["offline"] = offline_check(
                         session, lambda: stop(teacher), replace(online, source="memory"), out, work
                     )
     out["summary"] = summarize(out["runs"])
     # The issue's checks need 3 seeds and the full schedule; the quick run checks the mechanics.
-    out["checks"] = {} if args.quick else checks(out["summary"], dim, temperature)
+    out["checks"] = {} if args.quick else checks(out["summary"], dim, temperature, alpha)
     if "offline" in out and "holds" in out["offline"]:
         out["checks"]["offline_equals_online"] = {
             k: v for k, v in out["offline"].items() if k != "offline"
@@ -617,6 +782,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.json is not None:
         write_json(args.json, out)
     return out
+
+
+def floats(text: str) -> list[float]:
+    """A comma-separated list of numbers (`--sweep-temperatures 0.5,0.75`)."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers, got {text!r}") from None
 
 
 def stop(teacher: Any) -> bool:
@@ -686,6 +859,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--temperature", type=float, default=1.0, help="--sequence: T of the full rows"
     )
     group.add_argument("--dim", type=int, default=64, help="--sequence: the student's width")
+    group.add_argument(
+        "--alpha", type=float, default=ALPHA, help="--sequence: the KD weight (1 - alpha: CE)"
+    )
+    group.add_argument(
+        "--rows",
+        default=None,
+        help=f"--sequence: comma-separated rows of {','.join(ROWS)} (default all; topN any N)",
+    )
+    group.add_argument(
+        "--first-seed", type=int, default=0, help="--sequence: seeds first..first+seeds-1"
+    )
+    group.add_argument(
+        "--no-offline",
+        action="store_true",
+        help="--sequence: skip the online run and the export / offline check",
+    )
+    group.add_argument(
+        "--sweep-kd",
+        action="store_true",
+        help="--sequence: one seed, the --rows at each --sweep-temperatures (alpha fixed) and "
+        "each --sweep-alphas (T fixed)",
+    )
+    group.add_argument(
+        "--at-epoch",
+        type=int,
+        default=None,
+        help="--from-json: score every run after this epoch (it must have been evaluated)",
+    )
+    group.add_argument("--sweep-temperatures", default="0.5,0.75,1", help="--sweep-kd: T values")
+    group.add_argument("--sweep-alphas", default="0.5,1", help="--sweep-kd: alpha values")
     group.add_argument(
         "--model", default=DEFAULT_SEQUENCE_MODEL_NAME, help="--sequence: the teacher"
     )

@@ -62,7 +62,7 @@ class LMDemoSettings:
 
     epochs: int = 4
     seed: int = 0
-    temperature: float = 1.0
+    temperature: float = 0.5
     top_k: int = 32
     alpha: float = 0.5
     dim: int = 64
