@@ -77,6 +77,8 @@ class Row:
     task_weighting: str = "fixed"
     hidden: tuple[int, ...] = (512,)
     fsp_weight: float = 0.0
+    temperature: float = TEMPERATURE
+    alpha: float = ALPHA
 
     @property
     def key(self) -> str:
@@ -85,6 +87,10 @@ class Row:
             loss += "+uw"
         if self.fsp_weight:
             loss += "+fsp"
+        if self.targets != "hard" and (self.temperature, self.alpha) != (TEMPERATURE, ALPHA):
+            loss += (
+                f"@T{self.temperature:g}a{self.alpha:g}"  # the quickstart's T 4, alpha 0.9: none
+            )
         parts = [f"h{'-'.join(map(str, self.hidden))}", loss, self.augment]
         if self.targets != "hard":
             parts.append(self.targets)
@@ -99,6 +105,10 @@ class Check:
     distilled: Row
     hard: Row
     cached: Row
+
+    @property
+    def augment(self) -> str:
+        return self.distilled.augment
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,81 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         (short, long, mixup),
         (short.distilled, long.distilled),
     )
+
+
+def kd_check(augment: str, epochs: int, temperature: float, alpha: float) -> Check:
+    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation."""
+    return Check(
+        Row("online", augment, epochs, temperature=temperature, alpha=alpha),
+        Row("hard", augment, epochs),
+        Row("cached", augment, epochs, temperature=temperature, alpha=alpha),
+    )
+
+
+def checks_plan(
+    epochs: int = 20,
+    long_epochs: int = 100,
+    temperature: float = TEMPERATURE,
+    alpha: float = ALPHA,
+    augments: Sequence[str] = ("shift", "shift+mixup"),
+    long_augments: Sequence[str] = ("shift",),
+) -> ConsistentPlan:
+    """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting:
+    each of `augments` at `epochs`, then each of `long_augments` at `long_epochs` (e.g. against
+    a longer-trained teacher). `checks[0]`: the first augmentation at `epochs`."""
+    short = tuple(kd_check(a, epochs, temperature, alpha) for a in augments)
+    long = tuple(kd_check(a, long_epochs, temperature, alpha) for a in long_augments)
+    phases = tuple(
+        tuple(row for check in group for row in (check.distilled, check.hard, check.cached))
+        for group in (short, long)
+        if group
+    )
+    return ConsistentPlan(
+        epochs,
+        long_epochs,
+        phases,
+        (*short, *long),
+        tuple(check.distilled for check in (*short, *long) if check.augment == "shift"),
+    )
+
+
+def sweep_plan(
+    epochs: int,
+    settings: Sequence[tuple[float, float]],
+    augments: Sequence[str] = ("shift", "shift+mixup"),
+) -> ConsistentPlan:
+    """The KD settings to choose from (run it with one seed and say so): per augmentation, hard
+    labels and online KD at each (temperature, alpha) of `settings`; no checks, no int8."""
+    rows = tuple(
+        row
+        for augment in augments
+        for row in (
+            Row("hard", augment, epochs),
+            *(Row("online", augment, epochs, temperature=t, alpha=a) for t, a in settings),
+        )
+    )
+    return ConsistentPlan(epochs, epochs, (rows,), (), ())
+
+
+def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:
+    """The plan a `--consistent` run wrote in its log's first line (`plan_spec`), so
+    `--from-log` redoes that plan's tables and checks."""
+    kind = spec.get("kind", "full")
+    if kind == "checks":
+        return checks_plan(
+            spec["epochs"],
+            spec["long_epochs"],
+            spec["temperature"],
+            spec["alpha"],
+            spec["augments"],
+            spec["long_augments"],
+        )
+    if kind == "sweep":
+        settings = [(float(t), float(a)) for t, a in spec["settings"]]
+        return sweep_plan(spec["epochs"], settings, spec["augments"])
+    if kind == "quick":
+        return quick_plan(spec["epochs"])
+    return full_plan(spec.get("epochs", 20), spec.get("long_epochs", 100))
 
 
 def quick_plan(epochs: int = 2) -> ConsistentPlan:
@@ -319,8 +404,8 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
     criterion = distillation_criterion(
         list(data.tasks),
         DemoSettings(
-            temperature=TEMPERATURE,
-            alpha=ALPHA,
+            temperature=row.temperature,
+            alpha=row.alpha,
             kd_loss=row.kd_loss,
             task_weighting=row.task_weighting,
         ),
@@ -336,7 +421,7 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             views = teacher.views(row.augment, seed, epoch, hints=fsp is not None)
         else:
             views = make_views(data, row.augment, seed * 1000 + epoch)
-        probs = {t: probs_at(v.numpy(), TEMPERATURE) for t, v in views.logits.items()}
+        probs = {t: probs_at(v.numpy(), row.temperature) for t, v in views.logits.items()}
         total, start = 0.0, 0
         for batch in views.batches:
             rows = slice(start, start + len(batch.inputs))
@@ -434,9 +519,10 @@ def evaluate_consistent(
     log: Path | None,
     int8_dir: Path,
     done: Sequence[dict[str, Any]] = (),
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`run_plan` against the teacher at `address`, with the teacher's held-out accuracy and the
-    issue's checks."""
+    issue's checks. `spec`: how the plan was made (`plan_from_spec`), written to the log."""
     with TeacherClient(address) as client:
         info = client.wait_ready(120)
         test_logits, _ = fetch_logits(client, data.test_x)
@@ -450,7 +536,8 @@ def evaluate_consistent(
         if log is not None:
             with log.open("a") as out:
                 teacher = {"model_version": info.model_version, "accuracy": teacher_accuracy}
-                out.write(json.dumps({"teacher": teacher, "seeds": list(seeds)}) + "\n")
+                header = {"teacher": teacher, "seeds": list(seeds), "plan_spec": spec}
+                out.write(json.dumps(header) + "\n")
         result = run_plan(plan, data, client, seeds, log, int8_dir, done)
     result["teacher"] = {
         "model": info.name,
@@ -461,11 +548,12 @@ def evaluate_consistent(
         "epochs": plan.epochs,
         "long_epochs": plan.long_epochs,
         "rows": [row.key for row in plan.rows],
-        "recommended": plan.checks[0].distilled.key,
+        "recommended": plan.checks[0].distilled.key if plan.checks else None,
         "train_samples": len(data.train_x),
-        "temperature": TEMPERATURE,
-        "alpha": ALPHA,
+        "temperature": plan.checks[0].distilled.temperature if plan.checks else TEMPERATURE,
+        "alpha": plan.checks[0].distilled.alpha if plan.checks else ALPHA,
         "fsp_weight": FSP_WEIGHT,
+        "spec": spec,
     }
     result["checks"] = checks(plan, result["records"], teacher_accuracy["digit"])
     return result
