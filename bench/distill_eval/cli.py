@@ -417,7 +417,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--kd-settings",
         default="1:0.5,2:0.5,4:0.5,1:0.9,2:0.9,4:0.9",
-        help="--consistent-plan sweep: KD settings T:alpha, comma-separated",
+        help="--consistent-plan sweep: KD settings T:alpha, comma-separated; T:alpha:mixce "
+        "adds mixup's CE on mixed batches (see --mix-ce)",
+    )
+    parser.add_argument(
+        "--mix-ce",
+        action="store_true",
+        help="--consistent-plan checks: online KD also trains mixed batches on mixup's CE "
+        "(alpha KD + (1 - alpha) mixed CE, as un-mixed batches with their labels)",
     )
     parser.add_argument(
         "--teacher-epochs",
@@ -451,15 +458,20 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "alpha": args.kd_alpha,
             "augments": names(args.augments),
             "long_augments": names(args.long_augments),
+            "mix_ce": args.mix_ce,
         }
     if args.consistent_plan == "sweep":
         settings = []
         for item in names(args.kd_settings):
-            t, _, a = item.partition(":")
+            parts = item.split(":")
             try:
-                settings.append([float(t), float(a)])
+                if len(parts) not in (2, 3) or parts[2:] not in ([], ["mixce"]):
+                    raise ValueError(item)
+                settings.append([float(parts[0]), float(parts[1]), parts[2:] == ["mixce"]])
             except ValueError:
-                raise SystemExit(f"--kd-settings: expected T:alpha items, got {item!r}") from None
+                raise SystemExit(
+                    f"--kd-settings: expected T:alpha or T:alpha:mixce items, got {item!r}"
+                ) from None
         return {
             "kind": "sweep",
             "epochs": args.short_epochs,

@@ -79,6 +79,9 @@ class Row:
     fsp_weight: float = 0.0
     temperature: float = TEMPERATURE
     alpha: float = ALPHA
+    # Online rows: mixed batches also train on mixup's own CE, alpha KD + (1 - alpha) mixed CE,
+    # as un-mixed batches do with their labels (without it a mixed batch is pure KD).
+    mix_ce: bool = False
 
     @property
     def key(self) -> str:
@@ -88,9 +91,9 @@ class Row:
         if self.fsp_weight:
             loss += "+fsp"
         if self.targets != "hard" and (self.temperature, self.alpha) != (TEMPERATURE, ALPHA):
-            loss += (
-                f"@T{self.temperature:g}a{self.alpha:g}"  # the quickstart's T 4, alpha 0.9: none
-            )
+            loss += f"@T{self.temperature:g}a{self.alpha:g}"  # none: the quickstart's T 4, a 0.9
+        if self.mix_ce:
+            loss += "+mixce"
         parts = [f"h{'-'.join(map(str, self.hidden))}", loss, self.augment]
         if self.targets != "hard":
             parts.append(self.targets)
@@ -172,10 +175,14 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
     )
 
 
-def kd_check(augment: str, epochs: int, temperature: float, alpha: float) -> Check:
-    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation."""
+def kd_check(
+    augment: str, epochs: int, temperature: float, alpha: float, mix_ce: bool = False
+) -> Check:
+    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation.
+    `mix_ce`: the online row adds mixup's CE on mixed batches (the cached views keep no mixing
+    pairs after reshuffling: pure KD on their mixed views, as before)."""
     return Check(
-        Row("online", augment, epochs, temperature=temperature, alpha=alpha),
+        Row("online", augment, epochs, temperature=temperature, alpha=alpha, mix_ce=mix_ce),
         Row("hard", augment, epochs),
         Row("cached", augment, epochs, temperature=temperature, alpha=alpha),
     )
@@ -188,12 +195,13 @@ def checks_plan(
     alpha: float = ALPHA,
     augments: Sequence[str] = ("shift", "shift+mixup"),
     long_augments: Sequence[str] = ("shift",),
+    mix_ce: bool = False,
 ) -> ConsistentPlan:
     """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting:
     each of `augments` at `epochs`, then each of `long_augments` at `long_epochs` (e.g. against
     a longer-trained teacher). `checks[0]`: the first augmentation at `epochs`."""
-    short = tuple(kd_check(a, epochs, temperature, alpha) for a in augments)
-    long = tuple(kd_check(a, long_epochs, temperature, alpha) for a in long_augments)
+    short = tuple(kd_check(a, epochs, temperature, alpha, mix_ce) for a in augments)
+    long = tuple(kd_check(a, long_epochs, temperature, alpha, mix_ce) for a in long_augments)
     phases = tuple(
         tuple(row for check in group for row in (check.distilled, check.hard, check.cached))
         for group in (short, long)
@@ -210,17 +218,21 @@ def checks_plan(
 
 def sweep_plan(
     epochs: int,
-    settings: Sequence[tuple[float, float]],
+    settings: Sequence[tuple[float, float, bool]],
     augments: Sequence[str] = ("shift", "shift+mixup"),
 ) -> ConsistentPlan:
     """The KD settings to choose from (run it with one seed and say so): per augmentation, hard
-    labels and online KD at each (temperature, alpha) of `settings`; no checks, no int8."""
+    labels and online KD at each (temperature, alpha, mix_ce) of `settings`; no checks, no
+    int8."""
     rows = tuple(
         row
         for augment in augments
         for row in (
             Row("hard", augment, epochs),
-            *(Row("online", augment, epochs, temperature=t, alpha=a) for t, a in settings),
+            *(
+                Row("online", augment, epochs, temperature=t, alpha=a, mix_ce=ce)
+                for t, a, ce in settings
+            ),
         )
     )
     return ConsistentPlan(epochs, epochs, (rows,), (), ())
@@ -238,9 +250,10 @@ def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:
             spec["alpha"],
             spec["augments"],
             spec["long_augments"],
+            spec.get("mix_ce", False),
         )
     if kind == "sweep":
-        settings = [(float(t), float(a)) for t, a in spec["settings"]]
+        settings = [(float(s[0]), float(s[1]), bool(s[2:] and s[2])) for s in spec["settings"]]
         return sweep_plan(spec["epochs"], settings, spec["augments"])
     if kind == "quick":
         return quick_plan(spec["epochs"])
@@ -438,6 +451,9 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             else:
                 targets = {t: p[rows] for t, p in probs.items()}
                 loss = criterion(logits, targets, batch.training_labels())
+                if row.mix_ce and batch.partner is not None:
+                    # the criterion gave pure KD (alpha 1) on this mixed batch
+                    loss = row.alpha * loss + (1.0 - row.alpha) * hard_loss(logits, batch)
             if fsp is not None and views.hints is not None:
                 loss = loss + fsp(first, features, views.hints[0][rows], views.hints[1][rows])
             optimizer.zero_grad()

@@ -124,22 +124,24 @@ def test_consistent_plans_and_their_specs() -> None:
     assert default.distilled.key == "h512/kd/shift/online/e20"  # the full plan's key
     sweep = cli.plan_spec(
         cli.parse_args(
-            ["--consistent", "--consistent-plan", "sweep", "--kd-settings", "1:0.5,4:0.9"]
+            ["--consistent", "--consistent-plan", "sweep", "--kd-settings", "1:0.5,4:0.9:mixce"]
         )
     )
     plan = consistent.plan_from_spec(sweep)
     assert [row.key for row in plan.rows] == [
         "h512/hard/shift/e20",
         "h512/kd@T1a0.5/shift/online/e20",
-        "h512/kd/shift/online/e20",
+        "h512/kd+mixce/shift/online/e20",
         "h512/hard/shift+mixup/e20",
         "h512/kd@T1a0.5/shift+mixup/online/e20",
-        "h512/kd/shift+mixup/online/e20",
+        "h512/kd+mixce/shift+mixup/online/e20",
     ]
     assert plan.checks == () and plan.int8_of == ()
     with pytest.raises(SystemExit, match="--kd-settings"):
         cli.plan_spec(
-            cli.parse_args(["--consistent", "--consistent-plan", "sweep", "--kd-settings", "4-0.9"])
+            cli.parse_args(
+                ["--consistent", "--consistent-plan", "sweep", "--kd-settings", "4:0.9:ce"]
+            )
         )
 
 
