@@ -427,6 +427,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "(alpha KD + (1 - alpha) mixed CE, as un-mixed batches with their labels)",
     )
     parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="--consistent-plan checks/sweep: the students' learning rate, hard-label and KD "
+        "rows alike (constant: the quickstart's Adam 1e-3; cosine: decayed to 0 over the epochs)",
+    )
+    parser.add_argument(
+        "--no-cached",
+        action="store_true",
+        help="--consistent-plan checks: leave out the cached-views rows (and that check)",
+    )
+    parser.add_argument(
         "--teacher-epochs",
         type=int,
         help="--consistent: a teacher of the default recipe trained this many epochs, saved "
@@ -459,6 +471,8 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "augments": names(args.augments),
             "long_augments": names(args.long_augments),
             "mix_ce": args.mix_ce,
+            "lr_schedule": args.lr_schedule,
+            "cached": not args.no_cached,
         }
     if args.consistent_plan == "sweep":
         settings = []
@@ -477,6 +491,7 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "epochs": args.short_epochs,
             "settings": settings,
             "augments": names(args.augments),
+            "lr_schedule": args.lr_schedule,
         }
     return {"kind": "full", "epochs": args.short_epochs, "long_epochs": args.long_epochs}
 

@@ -82,6 +82,10 @@ class Row:
     # Online rows: mixed batches also train on mixup's own CE, alpha KD + (1 - alpha) mixed CE,
     # as un-mixed batches do with their labels (without it a mixed batch is pure KD).
     mix_ce: bool = False
+    # The learning rate: "constant" (the quickstart's Adam lr 1e-3) or "cosine" (decayed from
+    # 1e-3 to 0 over the epochs, per epoch, as the default teacher is trained; Beyer et al. also
+    # decay it). Hard-label and KD rows alike.
+    lr_schedule: str = "constant"
 
     @property
     def key(self) -> str:
@@ -94,6 +98,8 @@ class Row:
             loss += f"@T{self.temperature:g}a{self.alpha:g}"  # none: the quickstart's T 4, a 0.9
         if self.mix_ce:
             loss += "+mixce"
+        if self.lr_schedule != "constant":
+            loss += f"+{self.lr_schedule[:3]}"
         parts = [f"h{'-'.join(map(str, self.hidden))}", loss, self.augment]
         if self.targets != "hard":
             parts.append(self.targets)
@@ -107,7 +113,11 @@ class Check:
 
     distilled: Row
     hard: Row
-    cached: Row
+    cached: Row | None  # None: no cached-views row (that check is then not made)
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return tuple(r for r in (self.distilled, self.hard, self.cached) if r is not None)
 
     @property
     def augment(self) -> str:
@@ -146,9 +156,7 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         Row("cached", "shift+mixup", epochs),
     )
     checks = (
-        short.distilled,  # first: it asks about every epoch's views, which the others reuse
-        short.hard,
-        short.cached,
+        *short.rows,  # first: it asks about every epoch's views, which the others reuse
         Row("hard", "none", epochs),
         Row("online", "none", epochs),
     )
@@ -158,13 +166,13 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         Row("online", "shift", epochs, task_weighting="uncertainty"),
         mixup.hard,
         mixup.distilled,
-        mixup.cached,
+        *mixup.rows[2:],  # cached
         Row("online", "shift+mixup", epochs, "dkd", "uncertainty"),
         Row("hard", "shift", epochs, hidden=FSP_HIDDEN),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN, fsp_weight=FSP_WEIGHT),
     )
-    patient = (long.distilled, long.hard, long.cached)
+    patient = long.rows
     patience_alone = (Row("hard", "none", long_epochs), Row("online", "none", long_epochs))
     return ConsistentPlan(
         epochs,
@@ -176,15 +184,33 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
 
 
 def kd_check(
-    augment: str, epochs: int, temperature: float, alpha: float, mix_ce: bool = False
+    augment: str,
+    epochs: int,
+    temperature: float,
+    alpha: float,
+    mix_ce: bool = False,
+    lr_schedule: str = "constant",
+    cached: bool = True,
 ) -> Check:
     """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation.
     `mix_ce`: the online row adds mixup's CE on mixed batches (the cached views keep no mixing
     pairs after reshuffling: pure KD on their mixed views, as before)."""
+
+    def kd(targets: str, mix_ce: bool = False) -> Row:
+        return Row(
+            targets,
+            augment,
+            epochs,
+            temperature=temperature,
+            alpha=alpha,
+            mix_ce=mix_ce,
+            lr_schedule=lr_schedule,
+        )
+
     return Check(
-        Row("online", augment, epochs, temperature=temperature, alpha=alpha, mix_ce=mix_ce),
-        Row("hard", augment, epochs),
-        Row("cached", augment, epochs, temperature=temperature, alpha=alpha),
+        kd("online", mix_ce),
+        Row("hard", augment, epochs, lr_schedule=lr_schedule),
+        kd("cached") if cached else None,
     )
 
 
@@ -196,16 +222,17 @@ def checks_plan(
     augments: Sequence[str] = ("shift", "shift+mixup"),
     long_augments: Sequence[str] = ("shift",),
     mix_ce: bool = False,
+    lr_schedule: str = "constant",
+    cached: bool = True,
 ) -> ConsistentPlan:
     """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting:
     each of `augments` at `epochs`, then each of `long_augments` at `long_epochs` (e.g. against
     a longer-trained teacher). `checks[0]`: the first augmentation at `epochs`."""
-    short = tuple(kd_check(a, epochs, temperature, alpha, mix_ce) for a in augments)
-    long = tuple(kd_check(a, long_epochs, temperature, alpha, mix_ce) for a in long_augments)
+    kd = (temperature, alpha, mix_ce, lr_schedule, cached)
+    short = tuple(kd_check(a, epochs, *kd) for a in augments)
+    long = tuple(kd_check(a, long_epochs, *kd) for a in long_augments)
     phases = tuple(
-        tuple(row for check in group for row in (check.distilled, check.hard, check.cached))
-        for group in (short, long)
-        if group
+        tuple(row for check in group for row in check.rows) for group in (short, long) if group
     )
     return ConsistentPlan(
         epochs,
@@ -220,6 +247,7 @@ def sweep_plan(
     epochs: int,
     settings: Sequence[tuple[float, float, bool]],
     augments: Sequence[str] = ("shift", "shift+mixup"),
+    lr_schedule: str = "constant",
 ) -> ConsistentPlan:
     """The KD settings to choose from (run it with one seed and say so): per augmentation, hard
     labels and online KD at each (temperature, alpha, mix_ce) of `settings`; no checks, no
@@ -228,9 +256,17 @@ def sweep_plan(
         row
         for augment in augments
         for row in (
-            Row("hard", augment, epochs),
+            Row("hard", augment, epochs, lr_schedule=lr_schedule),
             *(
-                Row("online", augment, epochs, temperature=t, alpha=a, mix_ce=ce)
+                Row(
+                    "online",
+                    augment,
+                    epochs,
+                    temperature=t,
+                    alpha=a,
+                    mix_ce=ce,
+                    lr_schedule=lr_schedule,
+                )
                 for t, a, ce in settings
             ),
         )
@@ -251,10 +287,14 @@ def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:
             spec["augments"],
             spec["long_augments"],
             spec.get("mix_ce", False),
+            spec.get("lr_schedule", "constant"),
+            spec.get("cached", True),
         )
     if kind == "sweep":
         settings = [(float(s[0]), float(s[1]), bool(s[2:] and s[2])) for s in spec["settings"]]
-        return sweep_plan(spec["epochs"], settings, spec["augments"])
+        return sweep_plan(
+            spec["epochs"], settings, spec["augments"], spec.get("lr_schedule", "constant")
+        )
     if kind == "quick":
         return quick_plan(spec["epochs"])
     return full_plan(spec.get("epochs", 20), spec.get("long_epochs", 100))
@@ -264,9 +304,7 @@ def quick_plan(epochs: int = 2) -> ConsistentPlan:
     """CI: the mechanism on few images and epochs (see `run_quick` in cli.py)."""
     check = shift_check(epochs)
     rows = (
-        check.distilled,
-        check.hard,
-        check.cached,
+        *check.rows,
         Row("online", "shift+mixup", epochs, "dkd", "uncertainty"),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN, fsp_weight=FSP_WEIGHT),
     )
@@ -425,6 +463,13 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
     )
     fsp = FSPLoss(row.fsp_weight) if row.fsp_weight else None
     optimizer = torch.optim.Adam([*student.parameters(), *criterion.parameters()], lr=LR)
+    if row.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: expected constant or cosine, got {row.lr_schedule!r}")
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, row.epochs)
+        if row.lr_schedule == "cosine"
+        else None
+    )
     curve, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, row.epochs + 1):
@@ -460,6 +505,8 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch.inputs)
+        if scheduler is not None:
+            scheduler.step()
         losses.append(round(total / start, 6))
         curve.append(accuracy(student, data)["digit"])
     record = {

@@ -137,6 +137,22 @@ def test_consistent_plans_and_their_specs() -> None:
         "h512/kd+mixce/shift+mixup/online/e20",
     ]
     assert plan.checks == () and plan.int8_of == ()
+    # A cosine learning rate for hard-label and KD rows alike, without the cached-views rows.
+    spec = cli.plan_spec(
+        cli.parse_args(
+            [
+                *("--consistent", "--consistent-plan", "checks", "--kd-temperature", "1"),
+                *("--augments", "shift+mixup", "--long-augments", "", "--lr-schedule", "cosine"),
+                *("--no-cached", "--mix-ce"),
+            ]
+        )
+    )
+    plan = consistent.plan_from_spec(spec)
+    assert [row.key for row in plan.rows] == [
+        "h512/kd@T1a0.9+mixce+cos/shift+mixup/online/e20",
+        "h512/hard+cos/shift+mixup/e20",
+    ]
+    assert plan.checks[0].cached is None
     with pytest.raises(SystemExit, match="--kd-settings"):
         cli.plan_spec(
             cli.parse_args(
