@@ -170,7 +170,7 @@ def test_long_teacher_is_its_own_model(default_repository: Path, tmp_path: Path)
     assert cli.ensure_long_teacher(root, 1) == root
     config = json.loads((root / "mnist-multitask-e1" / "config.json").read_text())
     assert config["name"] == "mnist-multitask-e1"
-    assert config["extra"]["training"]["epochs"] == 1
+    assert config["training"]["epochs"] == 1
     model = root / "mnist-multitask-e1" / "model.safetensors"
     stamp = model.stat().st_mtime_ns
     cli.ensure_long_teacher(root, 1)  # found: not trained again
