@@ -500,7 +500,7 @@ def consistent_from_log(path: Path, long_epochs: int) -> dict[str, Any]:
     """The tables and checks of a --consistent run's log (the runs that finished), for the plan
     its first line names (logs without one: the full plan with `long_epochs`)."""
     lines = list(read_log(path))
-    header = next(line for line in lines if "teacher" in line)
+    header = [line for line in lines if "teacher" in line][-1]  # --resume appends one
     teacher = header["teacher"]
     records = [line for line in lines if "key" in line]
     spec = header.get("plan_spec") or {"kind": "full", "long_epochs": long_epochs}

@@ -249,29 +249,30 @@ def sweep_plan(
     augments: Sequence[str] = ("shift", "shift+mixup"),
     lr_schedule: str = "constant",
 ) -> ConsistentPlan:
-    """The KD settings to choose from (run it with one seed and say so): per augmentation, hard
-    labels and online KD at each (temperature, alpha, mix_ce) of `settings`; no checks, no
-    int8."""
-    rows = tuple(
-        row
-        for augment in augments
-        for row in (
-            Row("hard", augment, epochs, lr_schedule=lr_schedule),
-            *(
-                Row(
-                    "online",
-                    augment,
-                    epochs,
-                    temperature=t,
-                    alpha=a,
-                    mix_ce=ce,
-                    lr_schedule=lr_schedule,
-                )
-                for t, a, ce in settings
+    """KD settings side by side: per augmentation, hard labels and online KD at each
+    (temperature, alpha, mix_ce) of `settings`, each KD row checked against those hard labels
+    (gap closed; no cached views, no int8). With one seed it is for choosing (say so)."""
+    checks = tuple(
+        Check(
+            Row(
+                "online",
+                augment,
+                epochs,
+                temperature=t,
+                alpha=a,
+                mix_ce=ce,
+                lr_schedule=lr_schedule,
             ),
+            Row("hard", augment, epochs, lr_schedule=lr_schedule),
+            None,
         )
+        for augment in augments
+        for t, a, ce in settings
     )
-    return ConsistentPlan(epochs, epochs, (rows,), (), ())
+    rows: list[Row] = []
+    for check in checks:
+        rows += [row for row in (check.hard, check.distilled) if row not in rows]
+    return ConsistentPlan(epochs, epochs, (tuple(rows),), checks, ())
 
 
 def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:

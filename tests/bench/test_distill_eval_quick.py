@@ -136,7 +136,13 @@ def test_consistent_plans_and_their_specs() -> None:
         "h512/kd@T1a0.5/shift+mixup/online/e20",
         "h512/kd+mixce/shift+mixup/online/e20",
     ]
-    assert plan.checks == () and plan.int8_of == ()
+    assert [(c.distilled.key, c.hard.key, c.cached) for c in plan.checks] == [
+        (plan.rows[1].key, plan.rows[0].key, None),
+        (plan.rows[2].key, plan.rows[0].key, None),
+        (plan.rows[4].key, plan.rows[3].key, None),
+        (plan.rows[5].key, plan.rows[3].key, None),
+    ]
+    assert plan.int8_of == ()
     # A cosine learning rate for hard-label and KD rows alike, without the cached-views rows.
     spec = cli.plan_spec(
         cli.parse_args(
