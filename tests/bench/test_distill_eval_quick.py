@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -183,3 +184,34 @@ def test_long_teacher_is_its_own_model(default_repository: Path, tmp_path: Path)
     assert model.stat().st_mtime_ns == stamp
     with pytest.raises(SystemExit, match="mnist-multitask"):
         cli.ensure_long_teacher(default_repository, 1)
+
+
+@pytest.mark.timeout(120)
+def test_mixed_ce_and_cosine_rows(teacher: Any) -> None:
+    """Against the real teacher, 128 images, 2 epochs: `mix_ce` changes only the mixed batches'
+    loss (un-mixed shift views train the same), and `lr_schedule="cosine"` decays the learning
+    rate, so the same row with it ends elsewhere."""
+    consistent = importlib.import_module("bench.distill_eval.consistent")
+    data = importlib.import_module("bench.distill_eval.data").mnist_dataset(128)
+    client_module = importlib.import_module("student_client.online.client")
+    Row = consistent.Row
+    with client_module.TeacherClient(teacher.grpc_address) as client:
+        client.wait_ready(60)
+        asked = consistent.Teacher(client, data)
+        runs = {
+            name: consistent.train_row(asked, row, 0)[1]
+            for name, row in {
+                "mixup": Row("online", "shift+mixup", 2, temperature=1.0),
+                "mixup+ce": Row("online", "shift+mixup", 2, temperature=1.0, mix_ce=True),
+                "shift": Row("online", "shift", 2, temperature=1.0),
+                "shift+ce": Row("online", "shift", 2, temperature=1.0, mix_ce=True),
+                "shift+cos": Row("online", "shift", 2, temperature=1.0, lr_schedule="cosine"),
+            }.items()
+        }
+    assert runs["mixup"]["loss_per_epoch"] != runs["mixup+ce"]["loss_per_epoch"]
+    assert runs["shift"]["loss_per_epoch"] == runs["shift+ce"]["loss_per_epoch"]
+    # epoch 1 runs at lr 1e-3 either way; epoch 2 at the cosine's 5e-4
+    assert runs["shift+cos"]["loss_per_epoch"][0] == runs["shift"]["loss_per_epoch"][0]
+    assert runs["shift+cos"]["loss_per_epoch"][1] != runs["shift"]["loss_per_epoch"][1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        consistent.train_row(asked, Row("hard", "shift", 1, lr_schedule="step"), 0)
