@@ -251,7 +251,8 @@ def sweep_plan(
 ) -> ConsistentPlan:
     """KD settings side by side: per augmentation, hard labels and online KD at each
     (temperature, alpha, mix_ce) of `settings`, each KD row checked against those hard labels
-    (gap closed; no cached views, no int8). With one seed it is for choosing (say so)."""
+    (gap closed; no cached views, no int8). With one seed it is for choosing (say so). No
+    settings: the hard-label rows alone (they need no teacher answers)."""
     checks = tuple(
         Check(
             Row(
@@ -269,9 +270,10 @@ def sweep_plan(
         for augment in augments
         for t, a, ce in settings
     )
-    rows: list[Row] = []
-    for check in checks:
-        rows += [row for row in (check.hard, check.distilled) if row not in rows]
+    rows = [Row("hard", augment, epochs, lr_schedule=lr_schedule) for augment in augments]
+    for check in checks:  # each augmentation's hard labels, then its KD rows
+        at = max(i for i, row in enumerate(rows) if row.augment == check.hard.augment)
+        rows.insert(at + 1, check.distilled)
     return ConsistentPlan(epochs, epochs, (tuple(rows),), checks, ())
 
 

@@ -144,6 +144,12 @@ def test_consistent_plans_and_their_specs() -> None:
         (plan.rows[5].key, plan.rows[3].key, None),
     ]
     assert plan.int8_of == ()
+    hard_only = cli.plan_spec(
+        cli.parse_args(["--consistent", "--consistent-plan", "sweep", "--kd-settings", ""])
+    )
+    plan = consistent.plan_from_spec(hard_only)
+    assert [row.key for row in plan.rows] == ["h512/hard/shift/e20", "h512/hard/shift+mixup/e20"]
+    assert plan.checks == ()
     # A cosine learning rate for hard-label and KD rows alike, without the cached-views rows.
     spec = cli.plan_spec(
         cli.parse_args(
