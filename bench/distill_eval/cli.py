@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.common import (
+    DEFAULT_MODEL,
     DEFAULT_REPOSITORY,
     REPO_ROOT,
     ensure_repository,
@@ -23,7 +24,12 @@ from bench.common import (
     write_json,
 )
 from bench.distill_eval import sequence
-from bench.distill_eval.consistent import Row, evaluate_consistent, full_plan, quick_plan
+from bench.distill_eval.consistent import (
+    Row,
+    evaluate_consistent,
+    plan_from_spec,
+    quick_plan,
+)
 from bench.distill_eval.consistent_report import (
     INT8_HEADERS,
     TABLE_HEADERS,
@@ -228,25 +234,66 @@ def run_consistent(
     epochs: int = 20,
     long_epochs: int = 100,
     resume: bool = False,
+    spec: dict[str, Any] | None = None,
+    teacher_epochs: int | None = None,
 ) -> dict[str, Any]:
-    """The consistent-augmentation rows (`bench.distill_eval.consistent`) on MNIST: the full plan,
-    or with `n_train` the quick one (2 epochs). `resume`: keep the runs already in `log`."""
+    """The consistent-augmentation rows (`bench.distill_eval.consistent`) on MNIST: the plan of
+    `spec` (`plan_from_spec`; default the full plan), or with `n_train` the quick one (2 epochs).
+    `resume`: keep the runs already in `log`. `teacher_epochs`: the teacher is the default
+    teacher's recipe trained that long (`ensure_long_teacher`) in `repository`."""
     data = mnist_dataset(n_train)
-    plan = quick_plan() if n_train is not None else full_plan(epochs, long_epochs)
+    if n_train is not None:
+        spec = {"kind": "quick", "epochs": 2}
+    spec = spec or {"kind": "full", "epochs": epochs, "long_epochs": long_epochs}
+    plan = plan_from_spec(spec)
     done = []
     if resume and log is not None and log.exists():
         done = [line for line in read_log(log) if "key" in line]
         say(f"[consistent] resuming: {len(done)} runs already in {log}")
+    if teacher_epochs is not None:
+        repository = ensure_long_teacher(repository, teacher_epochs)
+    else:
+        repository = ensure_repository(repository)
     with (
-        teacher_process(ensure_repository(repository), serve_args()) as teacher,
+        teacher_process(repository, serve_args()) as teacher,
         torch_threads(1),
         tempfile.TemporaryDirectory(prefix="distill-int8-") as int8_dir,
     ):
         result = evaluate_consistent(
-            plan, data, teacher.grpc_address, seeds, log, Path(int8_dir), done
+            plan, data, teacher.grpc_address, seeds, log, Path(int8_dir), done, spec
         )
     describe_consistent(result)
     return result
+
+
+def long_teacher_name(epochs: int) -> str:
+    return f"{DEFAULT_MODEL}-e{epochs}"
+
+
+def ensure_long_teacher(repository: Path, epochs: int) -> Path:
+    """`repository` holding the default teacher's recipe (architecture, 4,000 images, shifts of up
+    to 2 pixels, Adam, cosine schedule, seed 0) trained for `epochs` epochs as the model
+    `mnist-multitask-e<epochs>`, trained first (once) if the folder holds no model; a folder
+    holding another model is refused (the bench talks to the repository's only model)."""
+    from teacher_server.repository.default_teacher import train_default_teacher
+
+    name = long_teacher_name(epochs)
+    models = sorted(p.parent.name for p in repository.glob("*/config.json"))
+    if models and models != [name]:
+        raise SystemExit(
+            f"--teacher-epochs {epochs}: {repository} holds {models}, not only {name}: give "
+            f"--repository a folder of its own (e.g. runs/teachers/e{epochs})"
+        )
+    if not models:
+        started = time.perf_counter()
+        say(f"training {name} into {repository} ({epochs} epochs, about 5-8 s each on one core)")
+        with torch_threads(1):
+            accuracy = train_default_teacher(repository / name, epochs=epochs, name=name)
+        say(
+            f"{name} trained in {time.perf_counter() - started:.0f} s, held-out "
+            + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
+        )
+    return repository
 
 
 def describe_consistent(result: dict[str, Any]) -> None:
@@ -304,7 +351,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="write every number to this JSON file")
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 (default 3)")
     parser.add_argument(
-        "--repository", type=Path, default=DEFAULT_REPOSITORY, help="the MNIST teacher's repository"
+        "--repository", type=Path, help="the MNIST teacher's repository (default model_repository)"
     )
     parser.add_argument(
         "--datasets", default="mnist,digits", help="comma-separated: mnist, digits (full mode)"
@@ -340,16 +387,124 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         type=Path,
         help="no training: the --consistent tables and checks of a (maybe partial) --log file",
     )
+    parser.add_argument(
+        "--consistent-plan",
+        choices=("full", "checks", "sweep"),
+        default="full",
+        help="--consistent: every row (full), only the issue's checks at one KD setting "
+        "(checks: --kd-temperature/--kd-alpha, --augments at --short-epochs, --long-augments "
+        "at --long-epochs), or KD settings to choose from (sweep: --kd-settings; one seed)",
+    )
+    parser.add_argument(
+        "--short-epochs", type=int, default=20, help="--consistent: the short schedule (20)"
+    )
+    parser.add_argument(
+        "--kd-temperature", type=float, default=4.0, help="--consistent-plan checks: KD's T"
+    )
+    parser.add_argument(
+        "--kd-alpha", type=float, default=0.9, help="--consistent-plan checks: KD's alpha"
+    )
+    parser.add_argument(
+        "--augments",
+        default="shift,shift+mixup",
+        help="--consistent-plan checks/sweep: augmentations at --epochs (comma-separated)",
+    )
+    parser.add_argument(
+        "--long-augments",
+        default="shift",
+        help="--consistent-plan checks: augmentations at --long-epochs (comma-separated; '' for none)",
+    )
+    parser.add_argument(
+        "--kd-settings",
+        default="1:0.5,2:0.5,4:0.5,1:0.9,2:0.9,4:0.9",
+        help="--consistent-plan sweep: KD settings T:alpha, comma-separated; T:alpha:mixce "
+        "adds mixup's CE on mixed batches (see --mix-ce)",
+    )
+    parser.add_argument(
+        "--mix-ce",
+        action="store_true",
+        help="--consistent-plan checks: online KD also trains mixed batches on mixup's CE "
+        "(alpha KD + (1 - alpha) mixed CE, as un-mixed batches with their labels)",
+    )
+    parser.add_argument(
+        "--lr-schedule",
+        choices=("constant", "cosine"),
+        default="constant",
+        help="--consistent-plan checks/sweep: the students' learning rate, hard-label and KD "
+        "rows alike (constant: the quickstart's Adam 1e-3; cosine: decayed to 0 over the epochs)",
+    )
+    parser.add_argument(
+        "--no-cached",
+        action="store_true",
+        help="--consistent-plan checks: leave out the cached-views rows (and that check)",
+    )
+    parser.add_argument(
+        "--teacher-epochs",
+        type=int,
+        help="--consistent: a teacher of the default recipe trained this many epochs, saved "
+        "as mnist-multitask-e<N> in --repository (default runs/teachers/e<N>) if absent",
+    )
     sequence.add_arguments(parser)  # the LM rows: bench/distill_eval/sequence.py
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.repository is None:
+        args.repository = (
+            REPO_ROOT / "runs" / "teachers" / f"e{args.teacher_epochs}"
+            if args.teacher_epochs is not None
+            else DEFAULT_REPOSITORY
+        )
+    return args
+
+
+def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The `--consistent` plan the arguments ask for (see `consistent.plan_from_spec`)."""
+
+    def names(text: str) -> list[str]:
+        return [part.strip() for part in text.split(",") if part.strip()]
+
+    if args.consistent_plan == "checks":
+        return {
+            "kind": "checks",
+            "epochs": args.short_epochs,
+            "long_epochs": args.long_epochs,
+            "temperature": args.kd_temperature,
+            "alpha": args.kd_alpha,
+            "augments": names(args.augments),
+            "long_augments": names(args.long_augments),
+            "mix_ce": args.mix_ce,
+            "lr_schedule": args.lr_schedule,
+            "cached": not args.no_cached,
+        }
+    if args.consistent_plan == "sweep":
+        settings = []
+        for item in names(args.kd_settings):
+            parts = item.split(":")
+            try:
+                if len(parts) not in (2, 3) or parts[2:] not in ([], ["mixce"]):
+                    raise ValueError(item)
+                settings.append([float(parts[0]), float(parts[1]), parts[2:] == ["mixce"]])
+            except ValueError:
+                raise SystemExit(
+                    f"--kd-settings: expected T:alpha or T:alpha:mixce items, got {item!r}"
+                ) from None
+        return {
+            "kind": "sweep",
+            "epochs": args.short_epochs,
+            "settings": settings,
+            "augments": names(args.augments),
+            "lr_schedule": args.lr_schedule,
+        }
+    return {"kind": "full", "epochs": args.short_epochs, "long_epochs": args.long_epochs}
 
 
 def consistent_from_log(path: Path, long_epochs: int) -> dict[str, Any]:
-    """The tables and checks of a --consistent run's log (the runs that finished)."""
+    """The tables and checks of a --consistent run's log (the runs that finished), for the plan
+    its first line names (logs without one: the full plan with `long_epochs`)."""
     lines = list(read_log(path))
-    teacher = next(line["teacher"] for line in lines if "teacher" in line)
+    header = [line for line in lines if "teacher" in line][-1]  # --resume appends one
+    teacher = header["teacher"]
     records = [line for line in lines if "key" in line]
-    plan = full_plan(long_epochs=long_epochs)
+    spec = header.get("plan_spec") or {"kind": "full", "long_epochs": long_epochs}
+    plan = plan_from_spec(spec)
     result = {
         "records": records,
         "teacher": teacher,
@@ -443,8 +598,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             range(args.seeds),
             None,
             args.log,
-            long_epochs=args.long_epochs,
             resume=args.resume,
+            spec=plan_spec(args),
+            teacher_epochs=args.teacher_epochs,
         )
         out = {"mode": "consistent", "seeds": list(range(args.seeds)), "consistent": consistent}
         if args.markdown:

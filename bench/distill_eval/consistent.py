@@ -77,6 +77,15 @@ class Row:
     task_weighting: str = "fixed"
     hidden: tuple[int, ...] = (512,)
     fsp_weight: float = 0.0
+    temperature: float = TEMPERATURE
+    alpha: float = ALPHA
+    # Online rows: mixed batches also train on mixup's own CE, alpha KD + (1 - alpha) mixed CE,
+    # as un-mixed batches do with their labels (without it a mixed batch is pure KD).
+    mix_ce: bool = False
+    # The learning rate: "constant" (the quickstart's Adam lr 1e-3) or "cosine" (decayed from
+    # 1e-3 to 0 over the epochs, per epoch, as the default teacher is trained; Beyer et al. also
+    # decay it). Hard-label and KD rows alike.
+    lr_schedule: str = "constant"
 
     @property
     def key(self) -> str:
@@ -85,6 +94,12 @@ class Row:
             loss += "+uw"
         if self.fsp_weight:
             loss += "+fsp"
+        if self.targets != "hard" and (self.temperature, self.alpha) != (TEMPERATURE, ALPHA):
+            loss += f"@T{self.temperature:g}a{self.alpha:g}"  # none: the quickstart's T 4, a 0.9
+        if self.mix_ce:
+            loss += "+mixce"
+        if self.lr_schedule != "constant":
+            loss += f"+{self.lr_schedule[:3]}"
         parts = [f"h{'-'.join(map(str, self.hidden))}", loss, self.augment]
         if self.targets != "hard":
             parts.append(self.targets)
@@ -98,7 +113,15 @@ class Check:
 
     distilled: Row
     hard: Row
-    cached: Row
+    cached: Row | None  # None: no cached-views row (that check is then not made)
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        return tuple(r for r in (self.distilled, self.hard, self.cached) if r is not None)
+
+    @property
+    def augment(self) -> str:
+        return self.distilled.augment
 
 
 @dataclass(frozen=True)
@@ -133,9 +156,7 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         Row("cached", "shift+mixup", epochs),
     )
     checks = (
-        short.distilled,  # first: it asks about every epoch's views, which the others reuse
-        short.hard,
-        short.cached,
+        *short.rows,  # first: it asks about every epoch's views, which the others reuse
         Row("hard", "none", epochs),
         Row("online", "none", epochs),
     )
@@ -145,13 +166,13 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
         Row("online", "shift", epochs, task_weighting="uncertainty"),
         mixup.hard,
         mixup.distilled,
-        mixup.cached,
+        *mixup.rows[2:],  # cached
         Row("online", "shift+mixup", epochs, "dkd", "uncertainty"),
         Row("hard", "shift", epochs, hidden=FSP_HIDDEN),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN, fsp_weight=FSP_WEIGHT),
     )
-    patient = (long.distilled, long.hard, long.cached)
+    patient = long.rows
     patience_alone = (Row("hard", "none", long_epochs), Row("online", "none", long_epochs))
     return ConsistentPlan(
         epochs,
@@ -162,13 +183,131 @@ def full_plan(epochs: int = 20, long_epochs: int = 100) -> ConsistentPlan:
     )
 
 
+def kd_check(
+    augment: str,
+    epochs: int,
+    temperature: float,
+    alpha: float,
+    mix_ce: bool = False,
+    lr_schedule: str = "constant",
+    cached: bool = True,
+) -> Check:
+    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation.
+    `mix_ce`: the online row adds mixup's CE on mixed batches (the cached views keep no mixing
+    pairs after reshuffling: pure KD on their mixed views, as before)."""
+
+    def kd(targets: str, mix_ce: bool = False) -> Row:
+        return Row(
+            targets,
+            augment,
+            epochs,
+            temperature=temperature,
+            alpha=alpha,
+            mix_ce=mix_ce,
+            lr_schedule=lr_schedule,
+        )
+
+    return Check(
+        kd("online", mix_ce),
+        Row("hard", augment, epochs, lr_schedule=lr_schedule),
+        kd("cached") if cached else None,
+    )
+
+
+def checks_plan(
+    epochs: int = 20,
+    long_epochs: int = 100,
+    temperature: float = TEMPERATURE,
+    alpha: float = ALPHA,
+    augments: Sequence[str] = ("shift", "shift+mixup"),
+    long_augments: Sequence[str] = ("shift",),
+    mix_ce: bool = False,
+    lr_schedule: str = "constant",
+    cached: bool = True,
+) -> ConsistentPlan:
+    """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting:
+    each of `augments` at `epochs`, then each of `long_augments` at `long_epochs` (e.g. against
+    a longer-trained teacher). `checks[0]`: the first augmentation at `epochs`."""
+    kd = (temperature, alpha, mix_ce, lr_schedule, cached)
+    short = tuple(kd_check(a, epochs, *kd) for a in augments)
+    long = tuple(kd_check(a, long_epochs, *kd) for a in long_augments)
+    phases = tuple(
+        tuple(row for check in group for row in check.rows) for group in (short, long) if group
+    )
+    return ConsistentPlan(
+        epochs,
+        long_epochs,
+        phases,
+        (*short, *long),
+        tuple(check.distilled for check in (*short, *long) if check.augment == "shift"),
+    )
+
+
+def sweep_plan(
+    epochs: int,
+    settings: Sequence[tuple[float, float, bool]],
+    augments: Sequence[str] = ("shift", "shift+mixup"),
+    lr_schedule: str = "constant",
+) -> ConsistentPlan:
+    """KD settings side by side: per augmentation, hard labels and online KD at each
+    (temperature, alpha, mix_ce) of `settings`, each KD row checked against those hard labels
+    (gap closed; no cached views, no int8). With one seed it is for choosing (say so). No
+    settings: the hard-label rows alone (they need no teacher answers)."""
+    checks = tuple(
+        Check(
+            Row(
+                "online",
+                augment,
+                epochs,
+                temperature=t,
+                alpha=a,
+                mix_ce=ce,
+                lr_schedule=lr_schedule,
+            ),
+            Row("hard", augment, epochs, lr_schedule=lr_schedule),
+            None,
+        )
+        for augment in augments
+        for t, a, ce in settings
+    )
+    rows = [Row("hard", augment, epochs, lr_schedule=lr_schedule) for augment in augments]
+    for check in checks:  # each augmentation's hard labels, then its KD rows
+        at = max(i for i, row in enumerate(rows) if row.augment == check.hard.augment)
+        rows.insert(at + 1, check.distilled)
+    return ConsistentPlan(epochs, epochs, (tuple(rows),), checks, ())
+
+
+def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:
+    """The plan a `--consistent` run wrote in its log's first line (`plan_spec`), so
+    `--from-log` redoes that plan's tables and checks."""
+    kind = spec.get("kind", "full")
+    if kind == "checks":
+        return checks_plan(
+            spec["epochs"],
+            spec["long_epochs"],
+            spec["temperature"],
+            spec["alpha"],
+            spec["augments"],
+            spec["long_augments"],
+            spec.get("mix_ce", False),
+            spec.get("lr_schedule", "constant"),
+            spec.get("cached", True),
+        )
+    if kind == "sweep":
+        settings = [(float(s[0]), float(s[1]), bool(s[2:] and s[2])) for s in spec["settings"]]
+        return sweep_plan(
+            spec["epochs"], settings, spec["augments"], spec.get("lr_schedule", "constant")
+        )
+    if kind == "quick":
+        return quick_plan(spec["epochs"])
+    return full_plan(spec.get("epochs", 20), spec.get("long_epochs", 100))
+
+
 def quick_plan(epochs: int = 2) -> ConsistentPlan:
     """CI: the mechanism on few images and epochs (see `run_quick` in cli.py)."""
     check = shift_check(epochs)
     rows = (
-        check.distilled,
-        check.hard,
-        check.cached,
+        *check.rows,
         Row("online", "shift+mixup", epochs, "dkd", "uncertainty"),
         Row("online", "shift", epochs, hidden=FSP_HIDDEN, fsp_weight=FSP_WEIGHT),
     )
@@ -319,14 +458,21 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
     criterion = distillation_criterion(
         list(data.tasks),
         DemoSettings(
-            temperature=TEMPERATURE,
-            alpha=ALPHA,
+            temperature=row.temperature,
+            alpha=row.alpha,
             kd_loss=row.kd_loss,
             task_weighting=row.task_weighting,
         ),
     )
     fsp = FSPLoss(row.fsp_weight) if row.fsp_weight else None
     optimizer = torch.optim.Adam([*student.parameters(), *criterion.parameters()], lr=LR)
+    if row.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule: expected constant or cosine, got {row.lr_schedule!r}")
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, row.epochs)
+        if row.lr_schedule == "cosine"
+        else None
+    )
     curve, losses = [], []
     started = time.perf_counter()
     for epoch in range(1, row.epochs + 1):
@@ -336,7 +482,7 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             views = teacher.views(row.augment, seed, epoch, hints=fsp is not None)
         else:
             views = make_views(data, row.augment, seed * 1000 + epoch)
-        probs = {t: probs_at(v.numpy(), TEMPERATURE) for t, v in views.logits.items()}
+        probs = {t: probs_at(v.numpy(), row.temperature) for t, v in views.logits.items()}
         total, start = 0.0, 0
         for batch in views.batches:
             rows = slice(start, start + len(batch.inputs))
@@ -353,12 +499,17 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             else:
                 targets = {t: p[rows] for t, p in probs.items()}
                 loss = criterion(logits, targets, batch.training_labels())
+                if row.mix_ce and batch.partner is not None:
+                    # the criterion gave pure KD (alpha 1) on this mixed batch
+                    loss = row.alpha * loss + (1.0 - row.alpha) * hard_loss(logits, batch)
             if fsp is not None and views.hints is not None:
                 loss = loss + fsp(first, features, views.hints[0][rows], views.hints[1][rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(batch.inputs)
+        if scheduler is not None:
+            scheduler.step()
         losses.append(round(total / start, 6))
         curve.append(accuracy(student, data)["digit"])
     record = {
@@ -434,9 +585,10 @@ def evaluate_consistent(
     log: Path | None,
     int8_dir: Path,
     done: Sequence[dict[str, Any]] = (),
+    spec: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`run_plan` against the teacher at `address`, with the teacher's held-out accuracy and the
-    issue's checks."""
+    issue's checks. `spec`: how the plan was made (`plan_from_spec`), written to the log."""
     with TeacherClient(address) as client:
         info = client.wait_ready(120)
         test_logits, _ = fetch_logits(client, data.test_x)
@@ -450,7 +602,8 @@ def evaluate_consistent(
         if log is not None:
             with log.open("a") as out:
                 teacher = {"model_version": info.model_version, "accuracy": teacher_accuracy}
-                out.write(json.dumps({"teacher": teacher, "seeds": list(seeds)}) + "\n")
+                header = {"teacher": teacher, "seeds": list(seeds), "plan_spec": spec}
+                out.write(json.dumps(header) + "\n")
         result = run_plan(plan, data, client, seeds, log, int8_dir, done)
     result["teacher"] = {
         "model": info.name,
@@ -461,11 +614,12 @@ def evaluate_consistent(
         "epochs": plan.epochs,
         "long_epochs": plan.long_epochs,
         "rows": [row.key for row in plan.rows],
-        "recommended": plan.checks[0].distilled.key,
+        "recommended": plan.checks[0].distilled.key if plan.checks else None,
         "train_samples": len(data.train_x),
-        "temperature": TEMPERATURE,
-        "alpha": ALPHA,
+        "temperature": plan.checks[0].distilled.temperature if plan.checks else TEMPERATURE,
+        "alpha": plan.checks[0].distilled.alpha if plan.checks else ALPHA,
         "fsp_weight": FSP_WEIGHT,
+        "spec": spec,
     }
     result["checks"] = checks(plan, result["records"], teacher_accuracy["digit"])
     return result

