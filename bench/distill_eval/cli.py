@@ -593,16 +593,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.quick:
         out = run_quick(args.repository.resolve())
     elif args.consistent:
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
         consistent = run_consistent(
             args.repository.resolve(),
-            range(args.seeds),
+            seeds,
             None,
             args.log,
             resume=args.resume,
             spec=plan_spec(args),
             teacher_epochs=args.teacher_epochs,
         )
-        out = {"mode": "consistent", "seeds": list(range(args.seeds)), "consistent": consistent}
+        out = {"mode": "consistent", "seeds": list(seeds), "consistent": consistent}
         if args.markdown:
             args.markdown.write_text(consistent_markdown(consistent))
     else:

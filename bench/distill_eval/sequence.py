@@ -868,7 +868,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"--sequence: comma-separated rows of {','.join(ROWS)} (default all; topN any N)",
     )
     group.add_argument(
-        "--first-seed", type=int, default=0, help="--sequence: seeds first..first+seeds-1"
+        "--first-seed",
+        type=int,
+        default=0,
+        help="--sequence, --consistent: seeds first..first+seeds-1",
     )
     group.add_argument(
         "--no-offline",
