@@ -32,6 +32,7 @@ from student_client.training.distributed import (
     per_rank_batch_size,
     process_place,
     shard_indices,
+    wait_for_every_rank,
     wrap_model,
 )
 from student_client.training.losses import MultiTaskKDLoss
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if place.is_main:
             cells = ", ".join(f"{task} {100 * v:.2f}" for task, v in result["accuracy"].items())
             print(f"{place.world_size} process(es), {args.epochs} epoch(s): held-out % {cells}")
+        wait_for_every_rank()  # only on success: a failed rank would leave the others waiting
         return result
     finally:
         destroy_process_group()

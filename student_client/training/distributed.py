@@ -59,6 +59,13 @@ def init_process_group(place: ProcessPlace, backend: str = "gloo") -> None:
         dist.init_process_group(backend, rank=place.rank, world_size=place.world_size)
 
 
+def wait_for_every_rank() -> None:
+    """A barrier over the group, if one was joined: put it after a run's last collective, so no
+    rank starts tearing its group down (and exits) while another still talks to it."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def destroy_process_group() -> None:
     """Leave the group, if one was joined (safe to call in a `finally`)."""
     if dist.is_initialized():
