@@ -48,7 +48,6 @@ class GrpcReplay(grpc.GenericRpcHandler):
     def __init__(self, upstream: grpc.aio.Channel) -> None:
         self._upstream = upstream
         self._answers: dict[tuple[str, int], bytes] = {}
-        self.forwarded = 0
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
@@ -61,7 +60,6 @@ class GrpcReplay(grpc.GenericRpcHandler):
                 call = self._upstream.unary_unary(method)  # bytes in, bytes out
                 kept = await call(request, metadata=metadata, timeout=60)
                 self._answers[key] = kept
-                self.forwarded += 1
             return kept
 
         return grpc.unary_unary_rpc_method_handler(answer)  # type: ignore[arg-type]
