@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -236,11 +237,13 @@ def run_consistent(
     resume: bool = False,
     spec: dict[str, Any] | None = None,
     teacher_epochs: int | None = None,
+    teacher_seeds: Sequence[int] = (0,),
 ) -> dict[str, Any]:
     """The consistent-augmentation rows (`bench.distill_eval.consistent`) on MNIST: the plan of
     `spec` (`plan_from_spec`; default the full plan), or with `n_train` the quick one (2 epochs).
     `resume`: keep the runs already in `log`. `teacher_epochs`: the teacher is the default
-    teacher's recipe trained that long (`ensure_long_teacher`) in `repository`."""
+    teacher's recipe trained that long (`ensure_long_teacher`) in `repository`; with several
+    `teacher_seeds`, the ensemble of that recipe trained once per seed (`ensure_teacher_ensemble`)."""
     data = mnist_dataset(n_train)
     if n_train is not None:
         spec = {"kind": "quick", "epochs": 2}
@@ -250,7 +253,10 @@ def run_consistent(
     if resume and log is not None and log.exists():
         done = [line for line in read_log(log) if "key" in line]
         say(f"[consistent] resuming: {len(done)} runs already in {log}")
-    if teacher_epochs is not None:
+    model = None
+    if teacher_epochs is not None and len(teacher_seeds) > 1:
+        model = ensure_teacher_ensemble(repository, teacher_epochs, teacher_seeds)
+    elif teacher_epochs is not None:
         repository = ensure_long_teacher(repository, teacher_epochs)
     else:
         repository = ensure_repository(repository)
@@ -260,7 +266,7 @@ def run_consistent(
         tempfile.TemporaryDirectory(prefix="distill-int8-") as int8_dir,
     ):
         result = evaluate_consistent(
-            plan, data, teacher.grpc_address, seeds, log, Path(int8_dir), done, spec
+            plan, data, teacher.grpc_address, seeds, log, Path(int8_dir), done, spec, model
         )
     describe_consistent(result)
     return result
@@ -294,6 +300,58 @@ def ensure_long_teacher(repository: Path, epochs: int) -> Path:
             + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
         )
     return repository
+
+
+def ensemble_names(epochs: int, seeds: Sequence[int]) -> tuple[list[str], str]:
+    """The member models (`mnist-multitask-e<N>-s<seed>`) and the ensemble model
+    (`mnist-multitask-e<N>x<k>`) of `ensure_teacher_ensemble`."""
+    base = long_teacher_name(epochs)
+    return [f"{base}-s{seed}" for seed in seeds], f"{base}x{len(seeds)}"
+
+
+def ensure_teacher_ensemble(repository: Path, epochs: int, seeds: Sequence[int]) -> str:
+    """`repository` holding the default teacher's recipe trained for `epochs` epochs once per seed
+    of `seeds` (models `mnist-multitask-e<N>-s<seed>`, each trained here if absent) and their
+    ensemble `mnist-multitask-e<N>x<k>` (the server's ensemble: one forward per member on the
+    same batch; its `logits` answer is the mean of the members' logits / T). Returns the
+    ensemble's name. A folder holding other models is refused."""
+    from teacher_server.repository.default_teacher import train_default_teacher
+
+    members, name = ensemble_names(epochs, seeds)
+    if len(set(seeds)) != len(seeds) or len(seeds) < 2:
+        raise SystemExit(f"--teacher-seeds: give at least 2 distinct seeds, got {list(seeds)}")
+    models = sorted(p.parent.name for p in repository.glob("*/config.json"))
+    if not set(models) <= {*members, name}:
+        raise SystemExit(
+            f"--teacher-seeds: {repository} holds {models}, not only {[*members, name]}: give "
+            f"--repository a folder of its own (e.g. runs/teachers/e{epochs}x{len(seeds)})"
+        )
+    for seed, member in zip(seeds, members, strict=True):
+        if member in models:
+            continue
+        started = time.perf_counter()
+        say(f"training {member} into {repository} ({epochs} epochs, seed {seed})")
+        with torch_threads(1):
+            accuracy = train_default_teacher(
+                repository / member, epochs=epochs, seed=seed, name=member
+            )
+        say(
+            f"{member} trained in {time.perf_counter() - started:.0f} s, held-out "
+            + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
+        )
+    if name not in models:
+        first = json.loads((repository / members[0] / "config.json").read_text())
+        config = {
+            "name": name,
+            "description": f"Ensemble of {len(members)} teachers of the default recipe trained "
+            f"{epochs} epochs with seeds {list(seeds)}",
+            "ensemble": {"members": members},
+            "tasks": [{"name": t["name"], "class_names": t["class_names"]} for t in first["tasks"]],
+            "input": first["input"],
+        }
+        (repository / name).mkdir(parents=True, exist_ok=True)
+        (repository / name / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return name
 
 
 def describe_consistent(result: dict[str, Any]) -> None:
@@ -444,11 +502,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="--consistent: a teacher of the default recipe trained this many epochs, saved "
         "as mnist-multitask-e<N> in --repository (default runs/teachers/e<N>) if absent",
     )
+    parser.add_argument(
+        "--teacher-seeds",
+        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        default=[0],
+        help="--teacher-epochs: the recipe's seeds, comma-separated (default 0); several: the "
+        "teacher is their ensemble, served as mnist-multitask-e<N>x<k> from --repository "
+        "(default runs/teachers/e<N>x<k>), each member trained there if absent",
+    )
     sequence.add_arguments(parser)  # the LM rows: bench/distill_eval/sequence.py
     args = parser.parse_args(argv)
     if args.repository is None:
+        ensemble = f"x{len(args.teacher_seeds)}" if len(args.teacher_seeds) > 1 else ""
         args.repository = (
-            REPO_ROOT / "runs" / "teachers" / f"e{args.teacher_epochs}"
+            REPO_ROOT / "runs" / "teachers" / f"e{args.teacher_epochs}{ensemble}"
             if args.teacher_epochs is not None
             else DEFAULT_REPOSITORY
         )
@@ -602,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             resume=args.resume,
             spec=plan_spec(args),
             teacher_epochs=args.teacher_epochs,
+            teacher_seeds=args.teacher_seeds,
         )
         out = {"mode": "consistent", "seeds": list(seeds), "consistent": consistent}
         if args.markdown:

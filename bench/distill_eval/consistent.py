@@ -331,11 +331,17 @@ class Teacher:
     epoch) for the rows of that seed; `requests` / `samples` count what was sent."""
 
     def __init__(
-        self, client: TeacherClient, data: Dataset, hint_epochs: dict[str, int] | None = None
+        self,
+        client: TeacherClient,
+        data: Dataset,
+        hint_epochs: dict[str, int] | None = None,
+        model: str | None = None,
     ) -> None:
         """`hint_epochs[augment]`: ask for the FSP hints with the answers of epochs up to this
-        (the FSP rows' epochs), so the rows of a seed need ask only once."""
+        (the FSP rows' epochs), so the rows of a seed need ask only once. `model`: the served
+        model asked (None: the teacher's first)."""
         self.client = client
+        self.model = model
         self.data = data
         self.hint_epochs = hint_epochs or {}
         self.answers: dict[tuple[str, int, int], EpochViews] = {}
@@ -373,7 +379,11 @@ class Teacher:
         names = ("feature_map", "features") if hints else ()
         for start in range(0, len(inputs), FETCH_BATCH):
             answer = self.client.soft_targets(
-                inputs[start : start + FETCH_BATCH], output="logits", temperature=1.0, hints=names
+                inputs[start : start + FETCH_BATCH],
+                output="logits",
+                temperature=1.0,
+                hints=names,
+                model=self.model,
             )
             self.requests += 1
             self.samples += len(inputs[start : start + FETCH_BATCH])
@@ -533,6 +543,7 @@ def run_plan(
     log: Path | None,
     int8_dir: Path,
     done: Sequence[dict[str, Any]] = (),
+    model: str | None = None,
 ) -> dict[str, Any]:
     """Every row of `plan` for every seed (phase by phase, seed by seed), but those with a record
     in `done` (an earlier, interrupted run's log: they are kept as they are), each run's record
@@ -543,7 +554,7 @@ def run_plan(
     for row in plan.rows:
         if row.fsp_weight:
             hint_epochs[row.augment] = max(hint_epochs.get(row.augment, 0), row.epochs)
-    teacher = Teacher(client, data, hint_epochs)
+    teacher = Teacher(client, data, hint_epochs, model)
     records: list[dict[str, Any]] = list(done)
     finished = {(r["key"], r["seed"]) for r in done}
     total = len(plan.rows) * len(seeds)
@@ -586,12 +597,14 @@ def evaluate_consistent(
     int8_dir: Path,
     done: Sequence[dict[str, Any]] = (),
     spec: dict[str, Any] | None = None,
+    model: str | None = None,
 ) -> dict[str, Any]:
-    """`run_plan` against the teacher at `address`, with the teacher's held-out accuracy and the
-    issue's checks. `spec`: how the plan was made (`plan_from_spec`), written to the log."""
+    """`run_plan` against the teacher at `address` (its model `model`; None: its first), with the
+    teacher's held-out accuracy and the issue's checks. `spec`: how the plan was made
+    (`plan_from_spec`), written to the log."""
     with TeacherClient(address) as client:
-        info = client.wait_ready(120)
-        test_logits, _ = fetch_logits(client, data.test_x)
+        info = client.wait_ready(120, model)
+        test_logits, _ = fetch_logits(client, data.test_x, model=model)
         teacher_accuracy = {
             t: float((v.argmax(1) == data.test_y[t]).mean()) for t, v in test_logits.items()
         }
@@ -604,7 +617,7 @@ def evaluate_consistent(
                 teacher = {"model_version": info.model_version, "accuracy": teacher_accuracy}
                 header = {"teacher": teacher, "seeds": list(seeds), "plan_spec": spec}
                 out.write(json.dumps(header) + "\n")
-        result = run_plan(plan, data, client, seeds, log, int8_dir, done)
+        result = run_plan(plan, data, client, seeds, log, int8_dir, done, model)
     result["teacher"] = {
         "model": info.name,
         "model_version": info.model_version,

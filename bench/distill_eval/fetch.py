@@ -71,14 +71,22 @@ class TeacherOutputs:
 
 
 def fetch_logits(
-    client: TeacherClient, inputs: np.ndarray, hints: Sequence[str] = ()
+    client: TeacherClient,
+    inputs: np.ndarray,
+    hints: Sequence[str] = (),
+    model: str | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Raw logits (T = 1) per task for every input, in batches of `FETCH_BATCH`, over gRPC."""
+    """Raw logits (T = 1) per task for every input, in batches of `FETCH_BATCH`, over gRPC, from
+    `model` (None: the teacher's first; an ensemble answers the mean of its members' logits)."""
     parts: dict[str, list[np.ndarray]] = {}
     features: list[np.ndarray] = []
     for start in range(0, len(inputs), FETCH_BATCH):
         targets = client.soft_targets(
-            inputs[start : start + FETCH_BATCH], output="logits", temperature=1.0, hints=hints
+            inputs[start : start + FETCH_BATCH],
+            output="logits",
+            temperature=1.0,
+            hints=hints,
+            model=model,
         )
         for task, output in targets.outputs.items():
             parts.setdefault(task, []).append(np.array(output.values, dtype=np.float32))

@@ -192,6 +192,53 @@ def test_long_teacher_is_its_own_model(default_repository: Path, tmp_path: Path)
         cli.ensure_long_teacher(default_repository, 1)
 
 
+@pytest.mark.timeout(240)
+def test_teacher_ensemble_is_served_as_the_mean_of_its_members(
+    default_repository: Path, tmp_path: Path
+) -> None:
+    """`--teacher-seeds 0,1` trains the recipe once per seed (here 1 epoch) as models of their
+    own and writes their ensemble; the real teacher serves it, its logits are the mean of the
+    members' logits (asked of the same teacher), the bench asks it by name, and a folder holding
+    other models is refused."""
+    cli = importlib.import_module("bench.distill_eval.cli")
+    common = importlib.import_module("bench.common")
+    fetch = importlib.import_module("bench.distill_eval.fetch")
+    from student_client.online.client import TeacherClient
+
+    root = tmp_path / "e1x2"
+    name = cli.ensure_teacher_ensemble(root, 1, [0, 1])
+    assert name == "mnist-multitask-e1x2"
+    members = ["mnist-multitask-e1-s0", "mnist-multitask-e1-s1"]
+    assert sorted(p.parent.name for p in root.glob("*/config.json")) == [*members, name]
+    config = json.loads((root / name / "config.json").read_text())
+    assert config["ensemble"]["members"] == members
+    weights = [(root / m / "model.safetensors").read_bytes() for m in members]
+    assert weights[0] != weights[1]  # the seeds differ
+    stamp = (root / members[1] / "model.safetensors").stat().st_mtime_ns
+    assert cli.ensure_teacher_ensemble(root, 1, [0, 1]) == name  # found: not trained again
+    assert (root / members[1] / "model.safetensors").stat().st_mtime_ns == stamp
+
+    data = importlib.import_module("bench.distill_eval.data")
+    images = data.mnist_dataset(None).test_x[:64]
+    with common.teacher_process(root, cli.serve_args()) as teacher:
+        with TeacherClient(teacher.grpc_address) as client:
+            client.wait_ready(60, name)
+            ensemble, _ = fetch.fetch_logits(client, images, model=name)
+            each = [fetch.fetch_logits(client, images, model=m)[0] for m in members]
+    for task, values in ensemble.items():
+        mean = (each[0][task].astype("float64") + each[1][task]) / 2
+        assert abs(values - mean).max() < 1e-5, task
+        assert abs(values - each[0][task]).max() > 1e-3, task  # not just the first member
+
+    with pytest.raises(SystemExit, match="--teacher-seeds"):
+        cli.ensure_teacher_ensemble(default_repository, 1, [0, 1])
+    with pytest.raises(SystemExit, match="2 distinct seeds"):
+        cli.ensure_teacher_ensemble(tmp_path / "other", 1, [3, 3])
+    args = cli.parse_args(["--consistent", "--teacher-epochs", "60", "--teacher-seeds", "0,1,2"])
+    assert args.teacher_seeds == [0, 1, 2]
+    assert args.repository == REPO_ROOT / "runs" / "teachers" / "e60x3"
+
+
 @pytest.mark.timeout(120)
 def test_mixed_ce_and_cosine_rows(teacher: Any) -> None:
     """Against the real teacher, 128 images, 2 epochs: `mix_ce` changes only the mixed batches'
