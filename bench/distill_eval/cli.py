@@ -281,8 +281,6 @@ def ensure_long_teacher(repository: Path, epochs: int) -> Path:
     to 2 pixels, Adam, cosine schedule, seed 0) trained for `epochs` epochs as the model
     `mnist-multitask-e<epochs>`, trained first (once) if the folder holds no model; a folder
     holding another model is refused (the bench talks to the repository's only model)."""
-    from teacher_server.repository.default_teacher import train_default_teacher
-
     name = long_teacher_name(epochs)
     models = sorted(p.parent.name for p in repository.glob("*/config.json"))
     if models and models != [name]:
@@ -291,15 +289,22 @@ def ensure_long_teacher(repository: Path, epochs: int) -> Path:
             f"--repository a folder of its own (e.g. runs/teachers/e{epochs})"
         )
     if not models:
-        started = time.perf_counter()
-        say(f"training {name} into {repository} ({epochs} epochs, about 5-8 s each on one core)")
-        with torch_threads(1):
-            accuracy = train_default_teacher(repository / name, epochs=epochs, name=name)
-        say(
-            f"{name} trained in {time.perf_counter() - started:.0f} s, held-out "
-            + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
-        )
+        train_recipe(repository, name, epochs, seed=0)
     return repository
+
+
+def train_recipe(repository: Path, name: str, epochs: int, seed: int) -> None:
+    """The default teacher's recipe trained `epochs` epochs with `seed`, saved as model `name`."""
+    from teacher_server.repository.default_teacher import train_default_teacher
+
+    started = time.perf_counter()
+    say(f"training {name} into {repository} ({epochs} epochs, seed {seed}, 5-8 s each on one core)")
+    with torch_threads(1):
+        accuracy = train_default_teacher(repository / name, epochs=epochs, seed=seed, name=name)
+    say(
+        f"{name} trained in {time.perf_counter() - started:.0f} s, held-out "
+        + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
+    )
 
 
 def ensemble_names(epochs: int, seeds: Sequence[int]) -> tuple[list[str], str]:
@@ -315,7 +320,6 @@ def ensure_teacher_ensemble(repository: Path, epochs: int, seeds: Sequence[int])
     ensemble `mnist-multitask-e<N>x<k>` (the server's ensemble: one forward per member on the
     same batch; its `logits` answer is the mean of the members' logits / T). Returns the
     ensemble's name. A folder holding other models is refused."""
-    from teacher_server.repository.default_teacher import train_default_teacher
 
     members, name = ensemble_names(epochs, seeds)
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
@@ -327,18 +331,8 @@ def ensure_teacher_ensemble(repository: Path, epochs: int, seeds: Sequence[int])
             f"--repository a folder of its own (e.g. runs/teachers/e{epochs}x{len(seeds)})"
         )
     for seed, member in zip(seeds, members, strict=True):
-        if member in models:
-            continue
-        started = time.perf_counter()
-        say(f"training {member} into {repository} ({epochs} epochs, seed {seed})")
-        with torch_threads(1):
-            accuracy = train_default_teacher(
-                repository / member, epochs=epochs, seed=seed, name=member
-            )
-        say(
-            f"{member} trained in {time.perf_counter() - started:.0f} s, held-out "
-            + ", ".join(f"{t} {100 * a:.2f}%" for t, a in accuracy.items())
-        )
+        if member not in models:
+            train_recipe(repository, member, epochs, seed)
     if name not in models:
         first = json.loads((repository / members[0] / "config.json").read_text())
         config = {
@@ -503,6 +497,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "as mnist-multitask-e<N> in --repository (default runs/teachers/e<N>) if absent",
     )
     parser.add_argument(
+        "--student-hidden",
+        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        default=[512],
+        help="--consistent-plan checks/sweep: the student MLP's hidden widths, comma-separated "
+        "(default 512, the quickstart's; 800,800 is Hinton et al.'s small net), hard-label and "
+        "KD rows alike",
+    )
+    parser.add_argument(
         "--teacher-seeds",
         type=lambda text: [int(part) for part in text.split(",") if part.strip()],
         default=[0],
@@ -540,6 +542,7 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "mix_ce": args.mix_ce,
             "lr_schedule": args.lr_schedule,
             "cached": not args.no_cached,
+            "hidden": args.student_hidden,
         }
     if args.consistent_plan == "sweep":
         settings = []
@@ -559,6 +562,7 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "settings": settings,
             "augments": names(args.augments),
             "lr_schedule": args.lr_schedule,
+            "hidden": args.student_hidden,
         }
     return {"kind": "full", "epochs": args.short_epochs, "long_epochs": args.long_epochs}
 

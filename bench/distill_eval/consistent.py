@@ -191,10 +191,12 @@ def kd_check(
     mix_ce: bool = False,
     lr_schedule: str = "constant",
     cached: bool = True,
+    hidden: tuple[int, ...] = (512,),
 ) -> Check:
-    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation.
-    `mix_ce`: the online row adds mixup's CE on mixed batches (the cached views keep no mixing
-    pairs after reshuffling: pure KD on their mixed views, as before)."""
+    """Online KD at (`temperature`, `alpha`) vs hard labels and cached views, one augmentation,
+    all with the `hidden` student. `mix_ce`: the online row adds mixup's CE on mixed batches (the
+    cached views keep no mixing pairs after reshuffling: pure KD on their mixed views, as
+    before)."""
 
     def kd(targets: str, mix_ce: bool = False) -> Row:
         return Row(
@@ -205,11 +207,12 @@ def kd_check(
             alpha=alpha,
             mix_ce=mix_ce,
             lr_schedule=lr_schedule,
+            hidden=hidden,
         )
 
     return Check(
         kd("online", mix_ce),
-        Row("hard", augment, epochs, lr_schedule=lr_schedule),
+        Row("hard", augment, epochs, lr_schedule=lr_schedule, hidden=hidden),
         kd("cached") if cached else None,
     )
 
@@ -224,11 +227,13 @@ def checks_plan(
     mix_ce: bool = False,
     lr_schedule: str = "constant",
     cached: bool = True,
+    hidden: tuple[int, ...] = (512,),
 ) -> ConsistentPlan:
-    """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting:
-    each of `augments` at `epochs`, then each of `long_augments` at `long_epochs` (e.g. against
-    a longer-trained teacher). `checks[0]`: the first augmentation at `epochs`."""
-    kd = (temperature, alpha, mix_ce, lr_schedule, cached)
+    """Only the issue's checks (online KD vs hard labels vs cached views) at one KD setting and
+    student (`hidden`): each of `augments` at `epochs`, then each of `long_augments` at
+    `long_epochs` (e.g. against a longer-trained teacher). `checks[0]`: the first augmentation at
+    `epochs`."""
+    kd = (temperature, alpha, mix_ce, lr_schedule, cached, hidden)
     short = tuple(kd_check(a, epochs, *kd) for a in augments)
     long = tuple(kd_check(a, long_epochs, *kd) for a in long_augments)
     phases = tuple(
@@ -248,11 +253,13 @@ def sweep_plan(
     settings: Sequence[tuple[float, float, bool]],
     augments: Sequence[str] = ("shift", "shift+mixup"),
     lr_schedule: str = "constant",
+    hidden: tuple[int, ...] = (512,),
 ) -> ConsistentPlan:
     """KD settings side by side: per augmentation, hard labels and online KD at each
     (temperature, alpha, mix_ce) of `settings`, each KD row checked against those hard labels
-    (gap closed; no cached views, no int8). With one seed it is for choosing (say so). No
-    settings: the hard-label rows alone (they need no teacher answers)."""
+    (gap closed; no cached views, no int8), all with the `hidden` student. With one seed it is
+    for choosing (say so). No settings: the hard-label rows alone (they need no teacher
+    answers)."""
     checks = tuple(
         Check(
             Row(
@@ -263,14 +270,17 @@ def sweep_plan(
                 alpha=a,
                 mix_ce=ce,
                 lr_schedule=lr_schedule,
+                hidden=hidden,
             ),
-            Row("hard", augment, epochs, lr_schedule=lr_schedule),
+            Row("hard", augment, epochs, lr_schedule=lr_schedule, hidden=hidden),
             None,
         )
         for augment in augments
         for t, a, ce in settings
     )
-    rows = [Row("hard", augment, epochs, lr_schedule=lr_schedule) for augment in augments]
+    rows = [
+        Row("hard", augment, epochs, lr_schedule=lr_schedule, hidden=hidden) for augment in augments
+    ]
     for check in checks:  # each augmentation's hard labels, then its KD rows
         at = max(i for i, row in enumerate(rows) if row.augment == check.hard.augment)
         rows.insert(at + 1, check.distilled)
@@ -292,11 +302,16 @@ def plan_from_spec(spec: dict[str, Any]) -> ConsistentPlan:
             spec.get("mix_ce", False),
             spec.get("lr_schedule", "constant"),
             spec.get("cached", True),
+            tuple(spec.get("hidden", (512,))),
         )
     if kind == "sweep":
         settings = [(float(s[0]), float(s[1]), bool(s[2:] and s[2])) for s in spec["settings"]]
         return sweep_plan(
-            spec["epochs"], settings, spec["augments"], spec.get("lr_schedule", "constant")
+            spec["epochs"],
+            settings,
+            spec["augments"],
+            spec.get("lr_schedule", "constant"),
+            tuple(spec.get("hidden", (512,))),
         )
     if kind == "quick":
         return quick_plan(spec["epochs"])

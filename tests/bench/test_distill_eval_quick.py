@@ -166,6 +166,20 @@ def test_consistent_plans_and_their_specs() -> None:
         "h512/hard+cos/shift+mixup/e20",
     ]
     assert plan.checks[0].cached is None
+    # Another student for hard-label and KD rows alike (Hinton et al.'s 2 x 800 small net).
+    for kind in ("checks", "sweep"):
+        args = ["--consistent", "--consistent-plan", kind, "--kd-settings", "1:0.9"]
+        spec = cli.plan_spec(cli.parse_args([*args, "--augments", "shift+mixup"]))
+        wide = cli.plan_spec(
+            cli.parse_args([*args, "--augments", "shift+mixup", "--student-hidden", "800,800"])
+        )
+        narrow = consistent.plan_from_spec(spec)
+        plan = consistent.plan_from_spec(wide)
+        assert {row.hidden for row in narrow.rows} == {(512,)}
+        assert {row.hidden for row in plan.rows} == {(800, 800)}
+        assert [row.key for row in plan.rows] == [
+            row.key.replace("h512/", "h800-800/") for row in narrow.rows
+        ]
     with pytest.raises(SystemExit, match="--kd-settings"):
         cli.plan_spec(
             cli.parse_args(
