@@ -505,6 +505,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "KD rows alike",
     )
     parser.add_argument(
+        "--average-epochs",
+        type=int,
+        default=0,
+        help="--consistent-plan checks: report (and quantise) each student's weights averaged "
+        "over its last N epochs (SWA), hard-label and KD rows alike; -1: the last quarter of "
+        "each row's epochs; default 0: the last weights",
+    )
+    parser.add_argument(
         "--teacher-seeds",
         type=lambda text: [int(part) for part in text.split(",") if part.strip()],
         default=[0],
@@ -543,6 +551,7 @@ def plan_spec(args: argparse.Namespace) -> dict[str, Any]:
             "lr_schedule": args.lr_schedule,
             "cached": not args.no_cached,
             "hidden": args.student_hidden,
+            "average_epochs": args.average_epochs,
         }
     if args.consistent_plan == "sweep":
         settings = []
