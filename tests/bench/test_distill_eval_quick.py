@@ -282,3 +282,40 @@ def test_mixed_ce_and_cosine_rows(teacher: Any) -> None:
     assert runs["shift+cos"]["loss_per_epoch"][1] != runs["shift"]["loss_per_epoch"][1]
     with pytest.raises(ValueError, match="lr_schedule"):
         consistent.train_row(asked, Row("hard", "shift", 1, lr_schedule="step"), 0)
+
+
+def test_weight_averaged_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`average_epochs`: the reported student is the mean of its weights at the end of its last N
+    epochs (computed here by hand from the same run's snapshots), the training itself is the
+    same run (same losses and per-epoch accuracies), and the last weights' accuracy is kept."""
+    consistent = importlib.import_module("bench.distill_eval.consistent")
+    data = importlib.import_module("bench.distill_eval.data").mnist_dataset(128)
+    import torch
+
+    teacher = consistent.Teacher(None, data)  # hard-label rows never ask the teacher
+    plain_row = consistent.Row("hard", "shift+mixup", 3)
+    averaged_row = consistent.Row("hard", "shift+mixup", 3, average_epochs=2)
+    assert averaged_row.key == "h512/hard+swa2/shift+mixup/e3"
+    snapshots: list[dict[str, torch.Tensor]] = []
+    original = consistent.accuracy
+
+    def snapshot(student: Any, data: Any) -> dict[str, float]:  # per epoch, then at the end
+        snapshots.append({k: v.clone() for k, v in student.state_dict().items()})
+        return original(student, data)
+
+    monkeypatch.setattr(consistent, "accuracy", snapshot)  # the real one, with a snapshot
+    _, plain = consistent.train_row(teacher, plain_row, 0)
+    snapshots.clear()
+    student, averaged = consistent.train_row(teacher, averaged_row, 0)
+    monkeypatch.undo()
+    assert averaged["loss_per_epoch"] == plain["loss_per_epoch"]
+    assert averaged["digit_accuracy_per_epoch"] == plain["digit_accuracy_per_epoch"]
+    assert averaged["last_weights_accuracy"] == plain["accuracy"]
+    epochs = snapshots[:3]  # the end of epochs 1, 2, 3 (then the last weights once more)
+    for name, value in student.state_dict().items():
+        expected = (epochs[1][name] + epochs[2][name]) / 2
+        assert torch.allclose(value, expected, atol=1e-6), name
+        assert not torch.allclose(value, epochs[2][name]), name
+    assert averaged["accuracy"] == original(student, data)
+    assert consistent.average(200, -1) == 50 and consistent.average(10, -1) == 3
+    assert consistent.average(20, 30) == 20 and consistent.average(200, 0) == 0
