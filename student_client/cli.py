@@ -21,6 +21,7 @@ from student_client.training.demo import (
     run_demo,
 )
 from student_client.training.lm_demo import LMDemoSettings, run_lm_demo
+from student_client.types import TargetOptions
 
 
 def _demo_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -301,9 +302,20 @@ def _export_parser(commands: argparse._SubParsersAction) -> None:  # type: ignor
     export.add_argument("--depth", type=int, default=16, help="batches in flight")
 
 
+def _export_options(args: argparse.Namespace) -> TargetOptions:
+    """The `TargetOptions` of `student-client export`, images and token sequences alike."""
+    return TargetOptions(
+        model=args.model,
+        tasks=tuple(args.task or ()),
+        temperature=args.temperature,
+        output=args.output,
+        top_k=args.top_k,
+        output_dtype=args.output_dtype,
+    )
+
+
 def _export(args: argparse.Namespace) -> None:
     from student_client.online.exporter import DEFAULT_BATCH_SIZE, export_soft_targets
-    from student_client.types import TargetOptions
 
     if args.tokens is not None:
         _export_tokens(args)
@@ -314,14 +326,7 @@ def _export(args: argparse.Namespace) -> None:
         name = Path(args.npy).name
     else:
         inputs, name = mnist_multitask().train_x, "mnist-train"
-    options = TargetOptions(
-        model=args.model,
-        tasks=tuple(args.task or ()),
-        temperature=args.temperature,
-        output=args.output,
-        top_k=args.top_k,
-        output_dtype=args.output_dtype,
-    )
+    options = _export_options(args)
     with _client(args) as client:
         result = export_soft_targets(
             client,
@@ -351,20 +356,12 @@ def _export_tokens(args: argparse.Namespace) -> None:
         export_token_targets,
         load_token_dataset,
     )
-    from student_client.types import TargetOptions
 
     if (args.tokenizer is None) == (args.tokenizer_hash is None):
         raise SystemExit("export --tokens: give one of --tokenizer FILE or --tokenizer-hash HASH")
     tokenizer_hash = args.tokenizer_hash or file_sha256(args.tokenizer.read_bytes())
     dataset = load_token_dataset(args.tokens)
-    options = TargetOptions(
-        model=args.model,
-        tasks=tuple(args.task or ()),
-        temperature=args.temperature,
-        output=args.output,
-        top_k=args.top_k,
-        output_dtype=args.output_dtype,
-    )
+    options = _export_options(args)
     with _client(args) as client:
         result = export_token_targets(
             client,
