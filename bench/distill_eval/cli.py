@@ -320,7 +320,6 @@ def ensure_teacher_ensemble(repository: Path, epochs: int, seeds: Sequence[int])
     ensemble `mnist-multitask-e<N>x<k>` (the server's ensemble: one forward per member on the
     same batch; its `logits` answer is the mean of the members' logits / T). Returns the
     ensemble's name. A folder holding other models is refused."""
-
     members, name = ensemble_names(epochs, seeds)
     if len(set(seeds)) != len(seeds) or len(seeds) < 2:
         raise SystemExit(f"--teacher-seeds: give at least 2 distinct seeds, got {list(seeds)}")
@@ -393,6 +392,11 @@ def consistent_quick_checks(result: dict[str, Any]) -> dict[str, Any]:
             "holds": int8["int8_bytes"] < int8["float_bytes"] / 3,
         },
     }
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of integers ("800,800")."""
+    return [int(part) for part in text.split(",") if part.strip()]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -498,7 +502,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--student-hidden",
-        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        type=int_list,
         default=[512],
         help="--consistent-plan checks/sweep: the student MLP's hidden widths, comma-separated "
         "(default 512, the quickstart's; 800,800 is Hinton et al.'s small net), hard-label and "
@@ -514,7 +518,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--teacher-seeds",
-        type=lambda text: [int(part) for part in text.split(",") if part.strip()],
+        type=int_list,
         default=[0],
         help="--teacher-epochs: the recipe's seeds, comma-separated (default 0); several: the "
         "teacher is their ensemble, served as mnist-multitask-e<N>x<k> from --repository "

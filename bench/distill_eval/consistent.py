@@ -572,14 +572,15 @@ def train_row(teacher: Teacher, row: Row, seed: int) -> tuple[StudentMLP, dict[s
             averaged.update_parameters(student)
         losses.append(round(total / start, 6))
         curve.append(accuracy(student, data)["digit"])
-    last_weights = accuracy(student, data)
+    last_weights = final = accuracy(student, data)
     if averaged is not None:  # an MLP without batch norm: the averaged weights are the model
         student.load_state_dict(averaged.module.state_dict())
+        final = accuracy(student, data)
     record = {
         "key": row.key,
         "row": asdict(row),
         "seed": seed,
-        "accuracy": accuracy(student, data),
+        "accuracy": final,
         "last_weights_accuracy": last_weights,
         "digit_accuracy_per_epoch": curve,
         "loss_per_epoch": losses,
